@@ -1,0 +1,20 @@
+"""Errors that are the user's to fix.
+
+The CLI turns a :class:`UserError` into a one-paragraph message and exit status 2, never a traceback.
+Library code raises it for bad names, bad values and missing files; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (an unknown name, a bad value, a missing file)."""
+
+
+def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:
+    """The error for a name that is not in a registry, listing the names that are."""
+    choices = ", ".join(sorted(valid))
+    return UserError(f"Unknown {kind} {name!r}. Valid {kind}s: {choices}.")
