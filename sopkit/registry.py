@@ -1,0 +1,108 @@
+"""Strategy discovery through the ``sopkit.strategies`` entry-point group.
+
+sopkit's own strategies are registered in its pyproject.toml under that group, exactly as a third-party
+plugin registers; nothing is registered by importing a module. A plugin that fails to load is reported
+by name when it is asked for, and never breaks the others. Set ``SOPKIT_DISABLE_PLUGIN_AUTOLOAD=1`` to
+see only sopkit's own strategies (to rule out a broken plugin).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from sopkit.errors import UserError, unknown_name
+
+if TYPE_CHECKING:
+    from sopkit.strategy import Strategy, StrategySettings
+
+GROUP = "sopkit.strategies"
+DISABLE_AUTOLOAD_ENV = "SOPKIT_DISABLE_PLUGIN_AUTOLOAD"
+OWN_DISTRIBUTION = "sopkit"
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """One registered strategy: its name, where it comes from, and how to load it."""
+
+    name: str
+    target: str  # "package.module:Class"
+    distribution: str  # the installed distribution that registers it
+    version: str
+    entry_point: metadata.EntryPoint
+
+    def load(self) -> type[Strategy]:
+        """Import the strategy class; a failure is reported naming the plugin, never a traceback."""
+        from sopkit.strategy import Strategy
+
+        try:
+            loaded = self.entry_point.load()
+        except Exception as error:  # a plugin may fail in any way while importing
+            raise UserError(
+                f"Strategy {self.name!r} from plugin {self.distribution} {self.version} "
+                f"({self.target}) failed to load: {type(error).__name__}: {error}"
+            ) from error
+        if not (isinstance(loaded, type) and issubclass(loaded, Strategy)):
+            raise UserError(
+                f"Strategy {self.name!r} from plugin {self.distribution} ({self.target}) is not a "
+                "subclass of sopkit.Strategy."
+            )
+        return loaded
+
+    def load_error(self) -> str | None:
+        """None when the strategy loads, else why not (for ``sopkit strategies``)."""
+        try:
+            self.load()
+        except UserError as error:
+            return str(error)
+        return None
+
+
+def discover() -> dict[str, StrategyEntry]:
+    """Every registered strategy by name, sopkit's own first, then plugins sorted by name.
+
+    When two distributions register one name, sopkit's own wins over a plugin's and the first plugin
+    found wins over later ones; the duplicate is not silently merged but simply shadowed.
+    """
+    autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
+    entries: dict[str, StrategyEntry] = {}
+    for entry_point in metadata.entry_points(group=GROUP):
+        dist = entry_point.dist
+        dist_name = dist.metadata["Name"] if dist is not None else "unknown"
+        if not autoload and dist_name != OWN_DISTRIBUTION:
+            continue
+        entry = StrategyEntry(
+            name=entry_point.name,
+            target=entry_point.value,
+            distribution=dist_name,
+            version=dist.version if dist is not None else "",
+            entry_point=entry_point,
+        )
+        existing = entries.get(entry.name)
+        if existing is None or (
+            existing.distribution != OWN_DISTRIBUTION and entry.distribution == OWN_DISTRIBUTION
+        ):
+            entries[entry.name] = entry
+    own = sorted(n for n, e in entries.items() if e.distribution == OWN_DISTRIBUTION)
+    others = sorted(n for n in entries if n not in own)
+    return {name: entries[name] for name in _builtin_order(own) + others}
+
+
+def _builtin_order(names: list[str]) -> list[str]:
+    preferred = ["baseline", "baseline-long", "mk", "adv-mk", "adv-mk-only"]
+    return [n for n in preferred if n in names] + [n for n in names if n not in preferred]
+
+
+def available_strategies() -> list[str]:
+    return list(discover())
+
+
+def create_strategy(name: str, settings: StrategySettings) -> Strategy:
+    """Instantiate the strategy registered as ``name`` with ``settings`` scoped to it."""
+    entries = discover()
+    if name not in entries:
+        raise unknown_name("strategy", name, entries)
+    cls = entries[name].load()
+    return cls(settings.for_strategy(name))
