@@ -28,7 +28,17 @@ _EXPORTS = {
     "UserError": "sopkit.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Strategy",
+    "StrategySettings",
+    "TrainConfig",
+    "TrainingSession",
+    "UserError",
+    "collapse",
+    "count_parameters",
+    "expand",
+    "fixed_mixing",
+]
 
 if TYPE_CHECKING:
     from sopkit.errors import UserError

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from functools import wraps
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -25,8 +25,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-error_console = Console(stderr=True)
+# Logs and pipes are not terminals; rich would squeeze tables to 80 columns there.
+console = Console(width=None if sys.stdout.isatty() else 200)
+error_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,31 +59,57 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
     return options
 
 
-def _split_names(text: str) -> tuple[str, ...]:
+def _names(text: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ``("a", "b")``: the comma-separated lists options take."""
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 @app.command()
 @reports_user_errors
 def compare(
-    dataset: Annotated[str, typer.Option(help="Data set name (see `sopkit datasets`).")] = "mnist1d",
-    model: Annotated[
-        str, typer.Option(help="Model name (see `sopkit models`) or package.module:factory.")
-    ] = "mlp-a2",
-    strategies: Annotated[
-        str, typer.Option(help="Comma-separated strategies (see `sopkit strategies`).")
-    ] = "baseline,mk",
-    seeds: Annotated[int, typer.Option(help="Number of seeds per strategy.")] = 3,
-    first_seed: Annotated[int, typer.Option(help="The first seed; seeds are consecutive.")] = 0,
-    epochs: Annotated[int, typer.Option(help="Training epochs (of the baseline).")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 256,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd (with momentum 0.9).")] = "adam",
-    lr: Annotated[
-        float | None, typer.Option(help="Learning rate [default: 1e-3 for adam, 0.025 for sgd].")
+    dataset: Annotated[
+        str | None, typer.Option(help="Data set (see `sopkit datasets`). [default: mnist1d]")
     ] = None,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
-    schedule: Annotated[str, typer.Option(help="constant, step or cosine.")] = "constant",
-    expansion: Annotated[int, typer.Option(help="Expansion factor e (copies per weight).")] = 3,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model(s), comma-separated (see `sopkit models`), or package.module:factory. "
+            "[default: mlp-a2]"
+        ),
+    ] = None,
+    strategies: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated strategies (see `sopkit strategies`). [default: baseline,mk]"),
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per trial. [default: 3]")] = None,
+    first_seed: Annotated[int, typer.Option(help="The first seed; seeds are consecutive.")] = 0,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Training epochs of the baseline. [default: per data set, 200 for mnist1d]"),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size. [default: 256]")] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="adam and/or sgd (momentum 0.9), comma-separated. [default: adam]"),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate without a grid. [default: 1e-3 for adam, 0.025 for sgd]"),
+    ] = None,
+    lr_grid: Annotated[
+        str | None,
+        typer.Option(
+            help="Tune the rate per strategy on validation: 'paper' (base*1.5^i, i in -4..5), "
+            "'paper:-2..2', or rates '0.01,0.003'."
+        ),
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay. [default: 0]")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="constant, step or cosine. [default: constant]")
+    ] = None,
+    expansion: Annotated[
+        int | None, typer.Option(help="Expansion factor e (copies per weight). [default: 3]")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda...")] = "auto",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
     data_dir: Annotated[
@@ -99,55 +126,90 @@ def compare(
             "(e.g. --set mk.init=replicate).",
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="A shipped preset (e.g. paper-table1) or a TOML file; options override it."),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Worker processes running trials in parallel.")] = 1,
     out: Annotated[
-        str | None, typer.Option(help="Output directory [default: runs/DATASET-MODEL-TIME].")
+        str | None,
+        typer.Option(
+            help="Output directory; rerunning into it resumes. [default: runs/PRESET or "
+            "runs/DATASET-MODEL]"
+        ),
     ] = None,
 ) -> None:
-    """Train strategies side by side and print an honest comparison table."""
-    from sopkit.compare import CompareConfig, run_comparison
-    from sopkit.progress import RichProgress, progress_for
-    from sopkit.report import print_summary_table
-    from sopkit.train import TrainConfig
+    """Train strategies side by side and report them honestly (resumes into an existing --out)."""
+    from sopkit.compare import build_plan, default_out_dir, plan_record, run_plan
 
-    names = _split_names(strategies)
-    train_config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        bf16=bf16,
-    )
-    out_dir = out or f"runs/{dataset}-{model.replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
-    config = CompareConfig(
+    plan = build_plan(
+        preset=preset,
         dataset=dataset,
-        model=model,
-        strategies=names,
+        models=_names(model) if model else None,
+        strategies=_names(strategies) if strategies else None,
+        optimizers=_names(optimizer) if optimizer else None,
         seeds=seeds,
         first_seed=first_seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_grid=lr_grid,
+        weight_decay=weight_decay,
+        schedule=schedule,
         expansion=expansion,
+        bf16=bf16,
+        options=_parse_options(set_ or []),
         device=device,
         data_dir=data_dir,
         download=download,
-        options=_parse_options(set_ or []),
-        out_dir=out_dir,
     )
-    progress = progress_for(console, total_runs=len(names) * seeds)
+    out_dir = Path(out) if out else default_out_dir(plan)
+    record = plan_record(plan)
+    _run_with_progress(
+        lambda progress: run_plan(plan, out_dir, progress, jobs=jobs), out_dir, record
+    )
+    _report(out_dir, plan=record)
+
+
+def _run_with_progress(work: Callable[[Any], Any], out_dir: Path, plan: dict[str, Any]) -> None:
+    """Run ``work(progress)`` with live progress; an interrupt keeps what finished and says where."""
+    from sopkit.progress import RichProgress, progress_for
+
+    progress = progress_for(console)
     try:
         if isinstance(progress, RichProgress):
             with progress:
-                summaries, path = run_comparison(config, train_config, progress)
+                work(progress)
         else:
-            summaries, path = run_comparison(config, train_config, progress)
+            work(progress)
     except KeyboardInterrupt:
         error_console.print(
-            f"Interrupted. Every finished run is in {out_dir}/runs.jsonl and summarised in "
-            f"{out_dir}/summary.json."
+            f"Interrupted. Every finished trial is kept in {out_dir}; run the same command again "
+            f"to resume, or `sopkit report {out_dir}` for what finished."
         )
-        raise typer.Exit(INTERRUPTED_EXIT) from None
-    print_summary_table(console, summaries, title=f"{dataset} / {model}")
-    console.print(f"Results: {path}")
+        try:
+            _report(out_dir, plan=plan, complete=False)
+        finally:
+            raise typer.Exit(INTERRUPTED_EXIT) from None
+
+
+def _report(
+    out_dir: Path, *, plan: dict[str, Any] | None = None, complete: bool | None = None
+) -> None:
+    from sopkit.reporting import regenerate
+
+    paths = regenerate(out_dir, console=console, plan=plan, complete=complete,
+                       command=" ".join(["sopkit", *sys.argv[1:]]))
+    console.print("Reports: " + ", ".join(str(p) for p in paths), highlight=False)
+
+
+@app.command()
+@reports_user_errors
+def report(
+    directory: Annotated[Path, typer.Argument(help="The --out directory of a comparison.")],
+) -> None:
+    """Regenerate every report of a comparison from its results database alone."""
+    _report(directory)
 
 
 @app.command("strategies")
@@ -160,7 +222,7 @@ def list_strategies() -> None:
 
     table = Table(title="Strategies (entry-point group sopkit.strategies)")
     for column in ("name", "distribution", "target", "loads", "description"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a load error is read in full, not cut at "…"
     for entry in discover().values():
         error = entry.load_error()
         description = "" if error else entry.load().description
@@ -203,10 +265,84 @@ def list_models() -> None:
     console.print(table)
 
 
+@app.command("bench")
+@reports_user_errors
+def bench(
+    model: Annotated[
+        str, typer.Option(help="Model name (see `sopkit models`) or package.module:factory.")
+    ] = "mlp-a3",
+    input_shape: Annotated[
+        str, typer.Option(help="Per-example input shape, e.g. 3072 (flat CIFAR) or 3,32,32.")
+    ] = "3072",
+    num_classes: Annotated[int, typer.Option(help="Number of classes.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 256,
+    expansion: Annotated[int, typer.Option(help="Expansion factor e (copies per weight).")] = 3,
+    strategies: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated strategies [default: every registered strategy]."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda...")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(help="torch.set_num_threads [default: torch's default].")
+    ] = None,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
+    repeats: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 10,
+    steps: Annotated[int, typer.Option(help="Timed steps per strategy per round.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per strategy.")] = 5,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd (with momentum 0.9).")] = "adam",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Strategy option KEY=VALUE, repeatable (as for compare)."),
+    ] = None,
+    mk_sampler: Annotated[
+        str, typer.Option(help="How majority kernels draw p: auto, sfc64, torch, triton.")
+    ] = "auto",
+    mk_backward: Annotated[
+        str, typer.Option(help="What MK's backward keeps: auto, save (p), regenerate (a seed).")
+    ] = "auto",
+    out: Annotated[
+        str | None, typer.Option(help="Directory to write bench.json into [default: none].")
+    ] = None,
+) -> None:
+    """Time each strategy's training step against the baseline's (synthetic data, one process)."""
+    from sopkit.bench import (
+        BenchConfig,
+        parse_input_shape,
+        parse_names,
+        parse_options,
+        print_report,
+        run_bench,
+        write_report,
+    )
+
+    config = BenchConfig(
+        model=model,
+        input_shape=parse_input_shape(input_shape),
+        num_classes=num_classes,
+        batch_size=batch_size,
+        expansion=expansion,
+        strategies=parse_names(strategies or ""),
+        device=device,
+        threads=threads,
+        bf16=bf16,
+        repeats=repeats,
+        steps=steps,
+        warmup=warmup,
+        optimizer=optimizer,
+        options=parse_options(set_ or []),
+        mk_sampler=mk_sampler,
+        mk_backward=mk_backward,
+    )
+    report = run_bench(config, log=lambda message: error_console.print(message, style="dim"))
+    print_report(console, report)
+    if out is not None:
+        console.print(f"Results: {write_report(report, out)}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -23,6 +23,7 @@ to import, so they are imported inside the loader that needs them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -297,7 +298,7 @@ def _vector_splits(
     train_idx, val_idx = _carve_val(len(y), name, opts)
     x_train, x_val = x[train_idx], x[val_idx]
     # Statistics of the train part only: val and test must not leak into preprocessing.
-    mean = x.mean(dim=0, keepdim=True)
+    mean = x_train.mean(dim=0, keepdim=True)
     std = _safe_std(x_train.std(dim=0, correction=0, keepdim=True))
     return DataSplits(
         name=name,
@@ -419,7 +420,7 @@ def _mnist1d_arrays(cache_dir: Path) -> dict[str, np.ndarray]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "x": np.asarray(generated["x"], dtype=np.float32),
         "y": np.asarray(generated["y"], dtype=np.int64),
         "x_test": np.asarray(generated["x_test"], dtype=np.float32),
@@ -601,9 +602,17 @@ def _load_cifar10(opts: _LoadOptions) -> DataSplits:
     folder = root / _CIFAR10_FOLDER
     # torchvision verifies the md5 sum of every file on every load; we keep that check (a silently
     # corrupt training set is worse than an error) and report its failure as a UserError.
-    common = {"name": "cifar10", "root": root, "folder": folder, "files": _CIFAR10_FILES}
-    train_ds = _open_vision_dataset(CIFAR10, train=True, download=opts.download, **common)
-    test_ds = _open_vision_dataset(CIFAR10, train=False, download=False, **common)
+    common = functools.partial(
+        _open_vision_dataset,
+        CIFAR10,
+        name="cifar10",
+        root=root,
+        folder=folder,
+        files=_CIFAR10_FILES,
+    )
+    # One download fetches both parts, so only the first open may download.
+    train_ds = common(train=True, download=opts.download)
+    test_ds = common(train=False, download=False)
 
     def to_tensors(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
         # torchvision stores HWC uint8; models want CHW. contiguous() on uint8 is the cheap copy.
@@ -642,11 +651,19 @@ def _load_mnist_family(name: str, class_name: str, opts: _LoadOptions) -> DataSp
             "reads decompressed files, so gunzip them (or pass --download, which extracts them "
             "without re-downloading when their checksums match)."
         )
-    common = {"name": name, "root": root, "folder": folder, "files": _MNIST_FILES}
-    train_ds = _open_vision_dataset(
-        factory, train=True, download=opts.download, hint=hint, present=present, **common
+    common = functools.partial(
+        _open_vision_dataset,
+        factory,
+        name=name,
+        root=root,
+        folder=folder,
+        files=_MNIST_FILES,
+        hint=hint,
+        present=present,
     )
-    test_ds = _open_vision_dataset(factory, train=False, download=False, present=present, **common)
+    # One download fetches all four files, so only the first open may download.
+    train_ds = common(train=True, download=opts.download)
+    test_ds = common(train=False, download=False)
     return _image_splits(
         name,
         train_ds.data.unsqueeze(1),  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
@@ -746,6 +763,9 @@ class DatasetSpec:
     description: str
     needs_data_dir: bool  # True for the sets read from files under --data-dir
     loader: Callable[..., DataSplits]  # internal: takes a _LoadOptions
+    # `sopkit compare` trains this many epochs when --epochs is not given: enough for the small
+    # offline sets to converge (MK needs more steps than the baseline, paper Section 5).
+    default_epochs: int = 30
 
 
 def _registry(*specs: DatasetSpec) -> dict[str, DatasetSpec]:
@@ -758,12 +778,14 @@ DATASETS: dict[str, DatasetSpec] = _registry(
         "MNIST-1D: 1-D signals of length 40, 10 classes, generated offline (default).",
         needs_data_dir=False,
         loader=_load_mnist1d,
+        default_epochs=200,
     ),
     DatasetSpec(
         "digits",
         "scikit-learn 8x8 digits as 64 features, 10 classes, offline; fixed 20% test set.",
         needs_data_dir=False,
         loader=_load_digits,
+        default_epochs=100,
     ),
     DatasetSpec(
         "mnist",
@@ -790,6 +812,17 @@ DATASETS: dict[str, DatasetSpec] = _registry(
         loader=_load_imagefolder,
     ),
 )
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registry entry for a name a user typed (UserError, listing the valid names, if none)."""
+    if not isinstance(name, str):
+        raise UserError(f"A data set name must be a string, got {name!r}.")
+    # Forgive case and an underscore for the dash ("Fashion_MNIST"): both are common spellings.
+    spec = DATASETS.get(name.strip().lower().replace("_", "-"))
+    if spec is None:
+        raise unknown_name("dataset", name, DATASETS)
+    return spec
 
 
 def available_datasets() -> list[str]:
@@ -819,12 +852,7 @@ def load_dataset(
     Every user mistake (unknown name, bad value, missing or corrupt files) raises
     :class:`~sopkit.errors.UserError`. Splits are on the CPU; use :meth:`DataSplits.to`.
     """
-    if not isinstance(name, str):
-        raise UserError(f"A data set name must be a string, got {name!r}.")
-    # Forgive case and an underscore for the dash ("Fashion_MNIST"): both are common spellings.
-    spec = DATASETS.get(name.strip().lower().replace("_", "-"))
-    if spec is None:
-        raise unknown_name("dataset", name, DATASETS)
+    spec = dataset_spec(name)
 
     if (
         isinstance(val_fraction, bool)

@@ -14,7 +14,10 @@ class UserError(Exception):
     """A mistake in what the user asked for (an unknown name, a bad value, a missing file)."""
 
 
-def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:
+def unknown_name(
+    kind: str, name: str, valid: Iterable[str], plural: str | None = None
+) -> UserError:
     """The error for a name that is not in a registry, listing the names that are."""
     choices = ", ".join(sorted(valid))
-    return UserError(f"Unknown {kind} {name!r}. Valid {kind}s: {choices}.")
+    kinds = plural or (kind[:-1] + "ies" if kind.endswith("y") else kind + "s")
+    return UserError(f"Unknown {kind} {name!r}. Valid {kinds}: {choices}.")

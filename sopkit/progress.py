@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import TaskID
 
     from sopkit.train import EpochRecord, TrainResult
 
@@ -22,6 +23,7 @@ class Progress(Protocol):
     def epoch_finished(self, label: str, record: EpochRecord, epochs: int) -> None: ...
     def run_finished(self, label: str, result: TrainResult) -> None: ...
     def message(self, text: str) -> None: ...
+    def jobs_done(self, done: int, total: int) -> None: ...
 
 
 class NullProgress:
@@ -40,6 +42,9 @@ class NullProgress:
         pass
 
     def message(self, text: str) -> None:
+        pass
+
+    def jobs_done(self, done: int, total: int) -> None:
         pass
 
 
@@ -65,18 +70,19 @@ class PlainProgress:
         )
 
     def run_finished(self, label: str, result: TrainResult) -> None:
-        self._print(
-            f"[{label}] done: test {result.test_accuracy:.2%} in {result.wall_time:.1f}s"
-        )
+        self._print(f"[{label}] done: test {result.test_accuracy:.2%} in {result.wall_time:.1f}s")
 
     def message(self, text: str) -> None:
         self._print(text)
+
+    def jobs_done(self, done: int, total: int) -> None:
+        self._print(f"[{done}/{total} jobs done]")
 
 
 class RichProgress:
     """A live progress bar per training, with the latest validation accuracy, on a terminal."""
 
-    def __init__(self, console: Console, total_runs: int | None = None) -> None:
+    def __init__(self, console: Console) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -97,11 +103,8 @@ class RichProgress:
             console=console,
             transient=False,
         )
-        self._overall = (
-            self._bar.add_task("all runs", total=total_runs, status="") if total_runs else None
-        )
-        self._tasks: dict[str, object] = {}
-        self._last_refresh = 0.0
+        self._overall: TaskID | None = None
+        self._tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> RichProgress:
         self._bar.start()
@@ -114,29 +117,38 @@ class RichProgress:
         self._tasks[label] = self._bar.add_task(label, total=total_steps, status="")
 
     def advance(self, label: str) -> None:
-        self._bar.advance(self._tasks[label])  # type: ignore[arg-type]
+        self._bar.advance(self._tasks[label])
 
     def epoch_finished(self, label: str, record: EpochRecord, epochs: int) -> None:
         self._bar.update(
-            self._tasks[label],  # type: ignore[arg-type]
+            self._tasks[label],
             status=f"epoch {record.epoch}/{epochs} val {record.val_accuracy:.2%}",
         )
 
     def run_finished(self, label: str, result: TrainResult) -> None:
-        self._bar.update(
-            self._tasks[label],  # type: ignore[arg-type]
-            status=f"test {result.test_accuracy:.2%}",
-            completed=self._bar.tasks[self._tasks[label]].total,  # type: ignore[index]
+        # A finished run leaves the live display (a grid has hundreds) and one line stays above it.
+        self._bar.remove_task(self._tasks.pop(label))
+        note = (
+            f" [red]diverged at step {result.diverged_at_step}[/]"
+            if result.diverged_at_step
+            else ""
         )
-        if self._overall is not None:
-            self._bar.advance(self._overall)  # type: ignore[arg-type]
+        self.console.print(
+            f"{label}: test {result.test_accuracy:.2%} in {result.wall_time:.1f}s{note}",
+            highlight=False,
+        )
 
     def message(self, text: str) -> None:
         self.console.print(text)
 
+    def jobs_done(self, done: int, total: int) -> None:
+        if self._overall is None:
+            self._overall = self._bar.add_task("all jobs", total=total, status="")
+        self._bar.update(self._overall, completed=done, total=total)
 
-def progress_for(console: Console, total_runs: int | None = None) -> RichProgress | PlainProgress:
+
+def progress_for(console: Console) -> RichProgress | PlainProgress:
     """A rich display on an interactive terminal, plain lines everywhere else (CI, pipes, files)."""
     if console.is_terminal and not console.is_dumb_terminal:
-        return RichProgress(console, total_runs)
+        return RichProgress(console)
     return PlainProgress(console.file)

@@ -9,8 +9,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-TRACKED_PACKAGES = ("sopkit", "sopkit-baselines", "torch", "torchvision", "numpy", "scikit-learn",
-                    "mnist1d")
+TRACKED_PACKAGES = (
+    "sopkit",
+    "sopkit-baselines",
+    "torch",
+    "torchvision",
+    "numpy",
+    "scikit-learn",
+    "mnist1d",
+)
 
 
 def git_revision(path: Path | None = None) -> str | None:
@@ -18,12 +25,20 @@ def git_revision(path: Path | None = None) -> str | None:
     cwd = path or Path(__file__).resolve().parent
     try:
         revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
-            text=True, timeout=5, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -126,6 +126,14 @@ class Strategy:
     def expansion(self) -> int:
         return self.settings.expansion
 
+    @property
+    def inference_params_multiple(self) -> int:
+        """How many times the plain model's parameters the deployable model has (an ensemble: e).
+
+        The contract test holds every strategy to what it declares here.
+        """
+        return 1
+
     # ---- planning -------------------------------------------------------------------------------
     def fit(self, session: TrainingSession) -> TrainResult:
         """Train and return the result; the default is one run of the shared loop."""
@@ -137,8 +145,12 @@ class Strategy:
 
     def identity(self) -> tuple[object, ...]:
         """What makes two trainings of this strategy interchangeable (used to reuse results)."""
-        return (type(self).__module__, type(self).__qualname__, self.expansion,
-                tuple(sorted(self.settings.options.items())))
+        return (
+            type(self).__module__,
+            type(self).__qualname__,
+            self.expansion,
+            tuple(sorted(self.settings.options.items())),
+        )
 
     # ---- per run --------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:

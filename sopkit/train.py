@@ -141,10 +141,26 @@ class TrainResult:
     def median_step_time(self) -> float:
         return statistics.median(self.step_times) if self.step_times else math.nan
 
+    def step_time_stats(self) -> dict[str, float | int]:
+        """Median, mean, 10th/90th percentile and count of the timed steps (warm-up excluded)."""
+        times = sorted(self.step_times)
+        if not times:
+            return {"count": 0}
+
+        def percentile(q: float) -> float:
+            return times[min(len(times) - 1, int(q * len(times)))]
+
+        return {"count": len(times), "median": self.median_step_time,
+                "mean": statistics.fmean(times), "p10": percentile(0.1), "p90": percentile(0.9)}
+
     def to_record(self) -> dict[str, Any]:
-        record = asdict(replace(self, model=None))
+        """What is stored of a training: everything but the model, with step times summarised
+        (a grid has hundreds of trials of thousands of steps each)."""
+        record = asdict(replace(self, model=None, step_times=[]))
         record.pop("model")
+        record.pop("step_times")
         record["median_step_time"] = self.median_step_time
+        record["step_time_stats"] = self.step_time_stats()
         return record
 
 
@@ -168,14 +184,28 @@ class RunContext:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD with momentum over the trainable parameters, using the multi-tensor kernels."""
+    """Adam or SGD with momentum over the trainable parameters.
+
+    torch's fused kernels are used where the parameters' device has them (CPU and CUDA), the
+    multi-tensor (foreach) kernels elsewhere. Fused makes one pass over each tensor instead of one
+    per arithmetic operation: on the 2-core CPU an Adam step over mlp-a3 took 0.56 ms fused against
+    1.75 ms foreach, and over majority kernels' three times as many parameters 1.8 ms against 5.9 ms
+    (BENCHMARKS.md). The two differ only in rounding.
+    """
     parameters = [p for p in model.parameters() if p.requires_grad]
     lr, wd = config.learning_rate, config.weight_decay
-    if config.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=wd, foreach=True)
-    return torch.optim.SGD(
-        parameters, lr=lr, momentum=config.momentum, weight_decay=wd, foreach=True
-    )
+
+    def build(**kernel: bool) -> torch.optim.Optimizer:
+        if config.optimizer == "adam":
+            return torch.optim.Adam(parameters, lr=lr, weight_decay=wd, **kernel)
+        return torch.optim.SGD(
+            parameters, lr=lr, momentum=config.momentum, weight_decay=wd, **kernel
+        )
+
+    try:
+        return build(fused=True)
+    except RuntimeError:  # a device (or torch version) without fused kernels
+        return build(foreach=True)
 
 
 def make_schedule(
@@ -268,6 +298,66 @@ def _steps_per_epoch(split: Split, batch_size: int) -> int:
     return math.ceil(len(split) / batch_size)
 
 
+@dataclass
+class TrainingState:
+    """One training in progress: the prepared model, its optimizer and schedule, and the per-step
+    bookkeeping (timing, loss sum, divergence), with ``step()`` the body of the loop.
+
+    ``TrainingSession._run`` and ``sopkit bench`` both build it with ``start`` and drive it with
+    ``step``, so the benchmark measures exactly the step the loop takes, hooks and bookkeeping
+    included.
+    """
+
+    strategy: Strategy
+    model: nn.Module
+    run: RunContext
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    timer: StepTimer
+    loss_sum: torch.Tensor  # of the epoch in progress; the loop resets it every epoch
+    # Divergence is tracked on the device (no per-step synchronisation) and read once per epoch.
+    first_bad_step: torch.Tensor
+
+    @classmethod
+    def start(cls, strategy: Strategy, model: nn.Module, run: RunContext) -> TrainingState:
+        """Prepare ``model`` (already on ``run.device``) for ``strategy`` and build its optimizer."""
+        config, device = run.config, run.device
+        model = strategy.prepare(model, run)
+        optimizer = make_optimizer(model, config)
+        run.optimizer = optimizer
+        schedule = make_schedule(optimizer, config, run.total_steps)
+        return cls(
+            strategy=strategy,
+            model=model,
+            run=run,
+            optimizer=optimizer,
+            schedule=schedule,
+            timer=StepTimer(device, config.warmup_steps),
+            loss_sum=torch.zeros((), device=device),
+            first_bad_step=torch.full((), -1, dtype=torch.long, device=device),
+        )
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """One training step on one batch: the strategy's hooks, backward, optimizer and schedule."""
+        strategy, model, run, optimizer = self.strategy, self.model, self.run, self.optimizer
+        self.timer.start()
+        strategy.before_step(model, run)
+        with _autocast(run.device, run.config.bf16):
+            loss = strategy.loss(model, inputs, targets, run)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.after_backward(model, run)
+        optimizer.step()
+        strategy.after_step(model, run)
+        self.schedule.step()
+        self.timer.stop()
+        loss = loss.detach().float()
+        self.loss_sum += loss
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, run.step, self.first_bad_step)
+        run.step += 1
+
+
 class TrainingSession:
     """What the trainings of one comparison share: data on the device, the model recipe, the base
     configuration, progress output, and the results of finished trainings.
@@ -286,6 +376,7 @@ class TrainingSession:
         device: torch.device,
         seed: int = 0,
         progress: Progress | None = None,
+        label: str = "",
     ) -> None:
         from sopkit.progress import NullProgress
 
@@ -295,6 +386,7 @@ class TrainingSession:
         self.device = device
         self.seed = seed
         self.progress: Progress = progress or NullProgress()
+        self.label = label  # describes the session's cell in progress output, e.g. "mlp-a2 adam"
         self._finished: dict[tuple[object, ...], TrainResult] = {}
 
     def train(
@@ -311,7 +403,10 @@ class TrainingSession:
         key = (strategy.identity(), seed, config)
         if key not in self._finished:
             self._finished[key] = self._run(
-                strategy, seed, config, label or f"{strategy.name} (seed {seed})"
+                strategy,
+                seed,
+                config,
+                label or " ".join(filter(None, [strategy.name, self.label, f"seed {seed}"])),
             )
         return self._finished[key]
 
@@ -334,53 +429,35 @@ class TrainingSession:
         generator = torch.Generator(device=device).manual_seed(seed)
         shuffle_generator = _shuffle_generator(data.train, seed)
         run = RunContext(seed, config, device, data, generator, steps_per_epoch)
-        model = strategy.prepare(model, run)
+        training = TrainingState.start(strategy, model, run)
+        model = training.model
         train_params = count_parameters(model)
-        optimizer = make_optimizer(model, config)
-        run.optimizer = optimizer
-        schedule = make_schedule(optimizer, config, run.total_steps)
-        timer = StepTimer(device, config.warmup_steps)
         curve: list[EpochRecord] = []
         diverged_at: int | None = None
-        # Divergence is tracked on the device (no per-step synchronisation) and read once per epoch.
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         started = time.perf_counter()
         self.progress.run_started(label, run.total_steps)
 
         for epoch in range(config.epochs):
             run.epoch = epoch
             model.train()
-            loss_sum = torch.zeros((), device=device)
+            training.loss_sum = torch.zeros((), device=device)
             for inputs, targets in data.train.batches(
                 config.batch_size, shuffle=True, generator=shuffle_generator
             ):
-                timer.start()
-                strategy.before_step(model, run)
-                with _autocast(device, config.bf16):
-                    loss = strategy.loss(model, inputs, targets, run)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                strategy.after_backward(model, run)
-                optimizer.step()
-                strategy.after_step(model, run)
-                schedule.step()
-                timer.stop()
-                loss = loss.detach().float()
-                loss_sum += loss
-                bad = ~torch.isfinite(loss) & (first_bad_step < 0)
-                first_bad_step = torch.where(bad, run.step, first_bad_step)
-                run.step += 1
+                training.step(inputs, targets)
                 self.progress.advance(label)
-            bad_step = int(first_bad_step.item())
+            bad_step = int(training.first_bad_step.item())
             evaluated = strategy.evaluation_model(model, run)
             record = EpochRecord(
                 epoch=epoch + 1,
                 step=run.step,
-                train_loss=loss_sum.item() / steps_per_epoch,
-                val_accuracy=evaluate(evaluated, data.val, batch_size=config.eval_batch_size,
-                                      bf16=config.bf16),
-                test_accuracy=evaluate(evaluated, data.test, batch_size=config.eval_batch_size,
-                                       bf16=config.bf16),
+                train_loss=training.loss_sum.item() / steps_per_epoch,
+                val_accuracy=evaluate(
+                    evaluated, data.val, batch_size=config.eval_batch_size, bf16=config.bf16
+                ),
+                test_accuracy=evaluate(
+                    evaluated, data.test, batch_size=config.eval_batch_size, bf16=config.bf16
+                ),
                 seconds=time.perf_counter() - started,
             )
             curve.append(record)
@@ -399,7 +476,7 @@ class TrainingSession:
             val_accuracy=self.evaluate(deployable, "val"),
             train_params=train_params,
             inference_params=count_parameters(deployable),
-            step_times=timer.seconds(),
+            step_times=training.timer.seconds(),
             wall_time=time.perf_counter() - started,
             curve=curve,
             diverged_at_step=diverged_at,
@@ -413,4 +490,3 @@ def _shuffle_generator(split: Split, seed: int) -> torch.Generator:
     """A generator on the device the split's batches are shuffled on (randperm needs them to match)."""
     device = getattr(split, "device", torch.device("cpu"))
     return torch.Generator(device=device).manual_seed(seed)
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sopkit.majority import INIT_MODES, collapse, expand
+from sopkit.majority import DEFAULT_INIT, INIT_MODES, collapse, expand
 from sopkit.strategy import Strategy, StrategySettings
 
 if TYPE_CHECKING:
@@ -16,14 +16,14 @@ if TYPE_CHECKING:
 class MajorityKernelsStrategy(Strategy):
     """Every weight is a Dirichlet-weighted average of ``e`` copies while training, their mean after.
 
-    Options: ``init`` (independent, variance-preserving, replicate).
+    Options: ``init`` (variance-preserving (default), independent, replicate).
     """
 
     description = "Majority kernels: e stochastically weighted copies per weight, collapsed to one."
 
     def __init__(self, settings: StrategySettings | None = None) -> None:
         super().__init__(settings)
-        self.init = self.settings.get("init", "independent", choices=INIT_MODES)
+        self.init = self.settings.get("init", DEFAULT_INIT, choices=INIT_MODES)
 
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
         return expand(model, self.expansion, init=self.init, inplace=True)

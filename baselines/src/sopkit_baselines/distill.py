@@ -1,0 +1,110 @@
+"""DISTILLED-BASELINE (paper Section 5): the baseline architecture trained to mimic the ensemble.
+
+The student is the baseline model trained with the knowledge-distillation loss of Hinton et al.
+(2015), :func:`kd_loss`, from the ensemble baseline as teacher. The teacher's members come from
+:func:`sopkit_baselines.ensemble.train_members`, so when the comparison also runs ``baseline`` and
+``ensemble`` for the same seed, no member is trained twice.
+
+The teacher's "logits" are the ensemble's output, ``log(mean_k softmax(z_k))``: the student mimics
+exactly the predictor reported as ENSEMBLE-BASELINE, and ``softmax(t / T)`` sharpens or softens
+that averaged distribution.
+
+Costs are reported apart: ``wall_time`` is the student's own training (its steps include the
+teacher's forward passes); ``extra["teacher_wall_time"]`` is the sum of the members' training times,
+reused or not. The cost of the method is their sum.
+
+Options: ``temperature`` (``T``, default 4) and ``alpha`` (the weight of the soft-target term,
+default 0.9): Hinton et al. found a temperature of a few units and a small weight on the hard
+targets to work best. ``member`` (``baseline`` or ``baseline-long``) picks the teacher's members,
+and the student is trained on the same schedule as one of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from sopkit.errors import UserError
+from sopkit.strategy import Strategy, StrategySettings
+from sopkit_baselines.ensemble import MEMBER_KINDS, EnsembleModel, member_strategy, train_members
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sopkit.train import RunContext, TrainConfig, TrainingSession, TrainResult
+
+__all__ = ["Distillation", "kd_loss"]
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, batch-averaged.
+
+    The ``T^2`` keeps the soft term's gradients on the scale of the hard term's as ``T`` changes
+    (the soft gradients scale as ``1/T^2``).
+    """
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+    # kl_div(input, target) is KL(target || input), with both as log-probabilities here.
+    soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
+    hard = F.cross_entropy(student_logits, targets)
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+class Distillation(Strategy):
+    """DISTILLED-BASELINE: the baseline architecture trained with a KD loss from the ensemble."""
+
+    description = "Baseline architecture distilled (Hinton KD) from the e-member ensemble."
+
+    def __init__(self, settings: StrategySettings | None = None) -> None:
+        super().__init__(settings)
+        self.temperature = self.settings.get("temperature", 4.0)
+        self.alpha = self.settings.get("alpha", 0.9)
+        self.member_kind = self.settings.get("member", "baseline", choices=tuple(MEMBER_KINDS))
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(
+                f"Option {self.name}.temperature must be a positive number, got {self.temperature}."
+            )
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"Option {self.name}.alpha must be in [0, 1], got {self.alpha}.")
+        # The teacher of the training in progress (set by fit, read by loss).
+        self._teacher: EnsembleModel | None = None
+
+    def schedule(self, config: TrainConfig) -> TrainConfig:
+        # The student trains as long as a member does (BASELINE-LONG + KD in the paper's Section 5.2).
+        return member_strategy(self.settings, self.member_kind).schedule(config)
+
+    def fit(self, session: TrainingSession) -> TrainResult:
+        members = train_members(session, self.settings, self.member_kind)
+        teacher = EnsembleModel([m.model for m in members if m.model is not None])
+        # The members are the cached results of other rows: put their modes back afterwards.
+        modes = {module: module.training for module in teacher.modules()}
+        self._teacher = teacher.eval()
+        try:
+            result = session.train(self)
+        finally:
+            self._teacher = None
+            for module, training in modes.items():
+                module.training = training
+        result.extra["teacher_wall_time"] = sum(m.wall_time for m in members)
+        result.extra["teacher_test_accuracy"] = session.evaluate(teacher, "test")
+        return result
+
+    def loss(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, run: RunContext
+    ) -> torch.Tensor:
+        if self._teacher is None:
+            raise RuntimeError("distill trains through fit(), which provides the teacher")
+        with torch.no_grad():
+            teacher_logits = self._teacher(inputs)
+        return kd_loss(model(inputs), teacher_logits, targets,
+                       temperature=self.temperature, alpha=self.alpha)

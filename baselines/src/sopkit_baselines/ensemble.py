@@ -1,0 +1,132 @@
+"""ENSEMBLE-BASELINE (paper Section 5): ``e`` independently trained baselines, probabilities averaged.
+
+The members are ordinary trainings of the ``baseline`` strategy (or ``baseline-long``, as the paper's
+ImageNet protocol uses; option ``member``) through ``session.train``. Member 0 trains with the
+comparison's own seed and the same strategy settings as the comparison's ``baseline`` row, so the
+session returns that very training instead of repeating it; the other members use seeds derived from
+the comparison's seed (:func:`member_seed`). The distilled baseline builds its teacher with the same
+function, so a comparison that runs ``baseline``, ``ensemble`` and ``distill`` trains each member once.
+
+What is reported is the cost of the method, not of this process: the wall time is the sum of every
+member's training time, reused ones included; the train and inference parameter counts are the sums
+over the members (``e`` times the baseline's); the step times are all members' steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sopkit.majority import count_parameters
+from sopkit.strategies.baseline import Baseline, BaselineLong
+from sopkit.strategy import Strategy, StrategySettings
+from sopkit.train import TrainResult
+
+if TYPE_CHECKING:
+    from sopkit.train import TrainingSession
+
+__all__ = ["MEMBER_KINDS", "Ensemble", "EnsembleModel", "member_seed", "train_members"]
+
+#: The strategies an ensemble can be made of, by the name they are registered under in sopkit.
+MEMBER_KINDS: dict[str, type[Baseline]] = {"baseline": Baseline, "baseline-long": BaselineLong}
+
+
+def member_seed(seed: int, index: int) -> int:
+    """The seed of ensemble member ``index`` for the comparison seed ``seed``.
+
+    Member 0 uses ``seed`` itself (so it is the comparison's baseline run). The others hash
+    ``(seed, index)`` to 32 bits rather than using ``seed + index``, which would make member 1 of
+    seed 0 the baseline of seed 1 and correlate the ensembles of consecutive seeds.
+    """
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"sopkit-ensemble:{seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def member_strategy(settings: StrategySettings, kind: str) -> Baseline:
+    """The member strategy, built exactly as the comparison builds its ``kind`` row.
+
+    Same class, expansion and options means the same ``identity()``, so ``session.train`` reuses a
+    training that row already did.
+    """
+    return MEMBER_KINDS[kind](StrategySettings(settings.expansion, settings.options, kind))
+
+
+def train_members(session: TrainingSession, settings: StrategySettings, kind: str) -> list[TrainResult]:
+    """Train (or reuse) the ``settings.expansion`` members of the ensemble for ``session.seed``."""
+    strategy = member_strategy(settings, kind)
+    count = settings.expansion
+    results = []
+    for index in range(count):
+        seed = member_seed(session.seed, index)
+        # Member 0 keeps the default label: it is the comparison's own baseline run.
+        label = None if index == 0 else f"{kind} ensemble member {index + 1}/{count} (seed {seed})"
+        results.append(session.train(strategy, seed=seed, label=label))
+    return results
+
+
+class EnsembleModel(nn.Module):
+    """The members' predictions averaged in probability space.
+
+    ``forward`` returns ``log(mean_k softmax(member_k(x)))``: logits whose softmax is the averaged
+    probability, so accuracy (argmax), cross-entropy and a distillation loss all read it as they
+    would read any classifier's logits.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(member(x), dim=-1) for member in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+
+
+class Ensemble(Strategy):
+    """ENSEMBLE-BASELINE: ``e`` baselines with different seeds, averaged; ``e`` times the inference
+    parameters. Option ``member``: ``baseline`` (default) or ``baseline-long``."""
+
+    description = "Ensemble of e independently seeded baselines (probabilities averaged)."
+
+    def __init__(self, settings: StrategySettings | None = None) -> None:
+        super().__init__(settings)
+        self.member_kind = self.settings.get("member", "baseline", choices=tuple(MEMBER_KINDS))
+
+    @property
+    def inference_params_multiple(self) -> int:
+        """The deployable model holds every member: ``e`` times the baseline's parameters."""
+        return self.expansion
+
+    def fit(self, session: TrainingSession) -> TrainResult:
+        members = train_members(session, self.settings, self.member_kind)
+        model = EnsembleModel([member.model for member in members if member.model is not None])
+        diverged = [m.diverged_at_step for m in members if m.diverged_at_step is not None]
+        return TrainResult(
+            strategy=self.name,
+            seed=session.seed,
+            config=members[0].config,
+            test_accuracy=session.evaluate(model, "test"),
+            val_accuracy=session.evaluate(model, "val"),
+            train_params=sum(m.train_params for m in members),
+            inference_params=count_parameters(model),
+            step_times=[t for m in members for t in m.step_times],
+            wall_time=sum(m.wall_time for m in members),
+            curve=[],
+            diverged_at_step=min(diverged) if diverged else None,
+            extra={
+                "members": len(members),
+                "member_seeds": [m.seed for m in members],
+                "member_test_accuracy_mean": statistics.fmean(m.test_accuracy for m in members),
+            },
+            model=model,
+        )

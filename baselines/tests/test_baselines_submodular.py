@@ -1,0 +1,138 @@
+"""The subset-selection objective (paper Appendix D): the per-step vectorised greedy picks exactly
+the rows of the reference greedy on a networkx graph, the graph is the symmetric t-NN graph, and the
+greedy maximises a monotone objective (non-negative gains; high-norm, dissimilar rows first)."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from sopkit_baselines.submodular import (
+    _greedy_torch,
+    greedy_select,
+    marginal_gains,
+    reference_graph,
+    reference_greedy,
+    reference_objective,
+    tnn_adjacency,
+)
+
+
+def _rows(n: int, d: int, seed: int) -> torch.Tensor:
+    # float64 and Gaussian rows with random norms: equal gains or similarities (ties) have
+    # probability zero, so both implementations have one answer.
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.rand(n, 1, generator=generator, dtype=torch.float64) + 0.5
+    return scale * torch.randn(n, d, generator=generator, dtype=torch.float64)
+
+
+CASES = [  # (n rows, d dims, m chosen, t neighbours, alpha, beta, seed)
+    (30, 8, 10, 10, 1.0, 1.0, 0),
+    (24, 5, 8, 3, 1.0, 1.0, 1),
+    (18, 20, 6, 10, 1.0, 3.0, 2),  # beta > alpha: the penalty matters more
+    (12, 4, 11, 10, 0.5, 1.0, 3),  # t >= n - 1: the complete graph
+    (40, 3, 13, 5, 2.0, 1.0, 4),  # low dimension: many strongly similar rows
+]
+
+
+@pytest.mark.parametrize(("n", "d", "m", "t", "alpha", "beta", "seed"), CASES)
+def test_vectorised_greedy_picks_exactly_the_reference_rows(
+    n: int, d: int, m: int, t: int, alpha: float, beta: float, seed: int
+) -> None:
+    rows = _rows(n, d, seed)
+    expected = reference_greedy(reference_graph(rows.numpy(), t), m, alpha=alpha, beta=beta)
+    picked = greedy_select(rows, m, neighbours=t, alpha=alpha, beta=beta)
+    assert picked.tolist() == expected
+
+
+@pytest.mark.parametrize(("n", "d", "m", "t", "alpha", "beta", "seed"), CASES)
+def test_the_torch_loop_picks_the_same_rows_as_the_numpy_loop(
+    n: int, d: int, m: int, t: int, alpha: float, beta: float, seed: int
+) -> None:
+    rows = _rows(n, d, seed)
+    adjacency = tnn_adjacency(rows, t)
+    gains = alpha * (rows.norm(dim=1) + adjacency.sum(dim=1).max())
+    on_cpu = greedy_select(rows, m, neighbours=t, alpha=alpha, beta=beta)
+    assert torch.equal(_greedy_torch(gains, beta * adjacency, m), on_cpu)
+
+
+def test_float32_rows_pick_the_same_as_float64() -> None:
+    rows = _rows(60, 16, 5)
+    assert torch.equal(greedy_select(rows.float(), 20), greedy_select(rows, 20))
+
+
+def test_the_graph_is_the_symmetric_tnn_graph_with_clipped_cosines() -> None:
+    rows = _rows(25, 6, 6)
+    adjacency = tnn_adjacency(rows, 4)
+    assert torch.equal(adjacency, adjacency.T)
+    graph = reference_graph(rows.numpy(), 4)
+    expected = nx.to_numpy_array(graph, nodelist=range(25), weight="weight")
+    np.testing.assert_allclose(adjacency.numpy(), expected, atol=1e-12)
+    # i ~ j when either is among the other's 4 nearest: every row has at least 4 neighbours and
+    # some have more (the union of the two directions).
+    degrees = [graph.degree(i) for i in graph]
+    assert min(degrees) >= 4 and max(degrees) > 4
+    assert (adjacency >= 0).all() and torch.all(adjacency.diagonal() == 0)
+
+
+def test_the_objective_is_d9_computed_by_hand() -> None:
+    # Three rows: two similar (cos = 0.8), one orthogonal to both; t = 1.
+    rows = np.array([[3.0, 0.0, 0.0], [2.4, 1.8, 0.0], [0.0, 0.0, 2.0]])
+    graph = reference_graph(rows, 1)
+    # Edges: 0~1 (0.8, mutual nearest); 2's nearest has cosine 0 (a tie, broken towards row 0),
+    # and the edge 2~0 has weight max(0, 0) = 0. c = max weighted degree = 0.8.
+    assert sorted(graph.edges) == [(0, 1), (0, 2)]
+    c = 0.8
+    assert reference_objective(graph, [0, 1]) == pytest.approx((3 + c) + (3 + c) - 0.8)
+    assert reference_objective(graph, [0, 2], alpha=2, beta=5) == pytest.approx(2 * (5 + 2 * c))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_gains_are_non_negative_so_the_objective_is_monotone(seed: int) -> None:
+    rows = _rows(50, 4, seed)  # low dimension: many similar neighbours, large penalties
+    picked = greedy_select(rows, 50).tolist()  # all of them: the last picks pay the most
+    gains = marginal_gains(rows, picked)
+    assert min(gains) >= 0
+    # ... because u(i) includes c: without it, the penalties would exceed the norms here.
+    norms = rows.norm(dim=1)
+    penalties = [norms[i].item() - g + _c(rows) for i, g in zip(picked, gains, strict=True)]
+    assert any(p > norms[i] for i, p in zip(picked, penalties, strict=True))
+    # And greedy picks are (weakly) decreasing in gain, as for any submodular maximisation.
+    assert all(a >= b - 1e-9 for a, b in zip(gains, gains[1:], strict=False))
+
+
+def _c(rows: torch.Tensor) -> float:
+    return float(tnn_adjacency(rows).sum(dim=1).max())
+
+
+def test_the_greedy_prefers_large_and_dissimilar_rows() -> None:
+    big = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    rows = torch.stack([
+        big,                                       # 0: the largest
+        big + torch.tensor([0.0, 0.3, 0.0, 0.0]),  # 1: as large, but nearly a copy of 0
+        torch.tensor([0.0, 9.5, 0.0, 0.0]),        # 2: a little smaller, orthogonal to 0
+        torch.tensor([0.0, 0.0, 1.0, 0.0]),        # 3: small
+        torch.tensor([0.0, 0.0, 0.0, 0.5]),        # 4: smaller
+    ])
+    assert greedy_select(rows, 2).tolist() == [1, 2]  # not the near-duplicate pair (0, 1)
+    # With no redundancy penalty it takes the two largest, duplicates or not.
+    assert sorted(greedy_select(rows, 2, beta=0.0).tolist()) == [0, 1]
+    # Minimising f instead would take the small rows: the decision this test pins.
+    assert not {3, 4} & set(greedy_select(rows, 3).tolist())
+
+
+def test_choosing_more_rows_than_exist_is_an_error() -> None:
+    with pytest.raises(ValueError, match="cannot choose"):
+        greedy_select(torch.randn(4, 3), 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_path_picks_the_same_rows_as_the_cpu_path() -> None:
+    for n, d, m, t, alpha, beta, seed in CASES:
+        rows = _rows(n, d, seed)
+        on_cpu = greedy_select(rows, m, neighbours=t, alpha=alpha, beta=beta)
+        on_cuda = greedy_select(rows.cuda(), m, neighbours=t, alpha=alpha, beta=beta)
+        assert on_cuda.device.type == "cuda"
+        assert torch.equal(on_cuda.cpu(), on_cpu)

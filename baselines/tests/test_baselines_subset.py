@@ -1,0 +1,141 @@
+"""The subset-selection strategy (paper Algorithm D.1): the wide MLP, the one-step-on-the-chosen-rows
+rule (optimizer state included), and the compact network it ships."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from baselines_helpers import settings, tiny_data, tiny_model
+from sopkit_baselines.subset import SubsetMLP, SubsetSelection
+from torch import nn
+
+from sopkit.errors import UserError
+from sopkit.majority import count_parameters
+from sopkit.models import build_model
+from sopkit.train import RunContext, TrainConfig, make_optimizer
+
+
+def _run(config: TrainConfig, seed: int = 0) -> RunContext:
+    data = tiny_data()
+    return RunContext(seed, config, torch.device("cpu"), data,
+                      torch.Generator().manual_seed(seed), steps_per_epoch=4)
+
+
+def test_the_wide_model_holds_e_times_the_neurons_and_starts_as_the_baseline() -> None:
+    torch.manual_seed(0)
+    base = tiny_model()  # 12 -> 16 -> 8 -> 4
+    wide = SubsetSelection(settings("subset")).prepare(base, _run(TrainConfig()))
+    assert isinstance(wide, SubsetMLP)
+    shapes = [tuple(m.weight.shape) for m in wide.linears]
+    assert shapes == [(48, 12), (24, 48), (4, 24)]
+    # Group 0 is the baseline's own neurons: with it selected, the wide model is the baseline.
+    x = torch.randn(5, 12)
+    wide.selected = [torch.arange(16), torch.arange(8)]
+    torch.testing.assert_close(wide(x), base(x))
+    # The other groups are fresh draws, not copies.
+    assert not torch.equal(wide.linears[0].weight[16:32], wide.linears[0].weight[:16])
+
+
+def test_the_compact_network_is_the_baseline_architecture_and_computes_the_selection() -> None:
+    base = tiny_model()
+    strategy = SubsetSelection(settings("subset"))
+    run = _run(TrainConfig())
+    wide = strategy.prepare(base, run)
+    assert isinstance(wide, SubsetMLP)
+    strategy.before_step(wide, run)
+    compact = wide.compact()
+    assert [type(m) for m in compact] == [type(m) for m in base]
+    assert {k: v.shape for k, v in compact.state_dict().items()} == {
+        k: v.shape for k, v in base.state_dict().items()
+    }
+    assert count_parameters(compact) == count_parameters(base)
+    x = torch.randn(7, 12)
+    torch.testing.assert_close(compact(x), wide(x))
+    # The deployable selects once more, on the current weights.
+    deployed = strategy.deployable(wide, run)
+    torch.testing.assert_close(deployed(x), wide.compact(wide.choose())(x))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(optimizer="adam", lr=0.05, weight_decay=0.1),
+        TrainConfig(optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=0.1),
+    ],
+    ids=["adam", "sgd-momentum"],
+)
+def test_unchosen_neurons_do_not_change_in_a_step_not_even_through_optimizer_state(
+    config: TrainConfig,
+) -> None:
+    torch.manual_seed(1)
+    strategy = SubsetSelection(settings("subset"))
+    run = _run(config)
+    model = strategy.prepare(tiny_model(), run)
+    assert isinstance(model, SubsetMLP)
+    optimizer = make_optimizer(model, config)
+    run.optimizer = optimizer
+    generator = torch.Generator().manual_seed(2)
+    first = model.linears[0]
+    reselected_with_momentum = 0
+    seen: set[int] = set()
+    for _ in range(8):
+        x = torch.randn(32, 12, generator=generator)
+        y = torch.randint(0, 4, (32,), generator=generator)
+        strategy.before_step(model, run)
+        masks = model.frozen_masks()
+        before = [p.detach().clone() for p, _ in masks]
+        state_before = [
+            {k: v.clone() for k, v in optimizer.state.get(p, {}).items() if v.shape == p.shape}
+            for p, _ in masks
+        ]
+        chosen = set(model.selected[0].tolist())
+        reselected_with_momentum += len(seen - chosen)  # had state, now unchosen: the hard case
+        seen |= chosen
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.after_backward(model, run)
+        optimizer.step()
+        strategy.after_step(model, run)
+        for (parameter, mask), old, old_state in zip(masks, before, state_before, strict=True):
+            assert torch.equal(parameter[mask], old[mask]), "an unchosen entry moved"
+            assert not torch.equal(parameter[~mask], old[~mask]), "the chosen entries did not train"
+            for key, value in optimizer.state[parameter].items():
+                if value.shape == parameter.shape:
+                    previous = old_state.get(key, torch.zeros_like(value))
+                    assert torch.equal(value[mask], previous[mask]), f"{key} moved when unchosen"
+        assert first.weight.shape == (48, 12)
+    # Rows that had momentum were unchosen later: without the restore they would have moved.
+    assert reselected_with_momentum > 0
+
+
+def test_training_learns_and_counts_wide_training_and_baseline_inference_parameters(
+    make_session,  # type: ignore[no-untyped-def]
+) -> None:
+    session = make_session(epochs=8, lr=0.03)
+    result = session.train(SubsetSelection(settings("subset")))
+    assert result.inference_params == count_parameters(tiny_model())
+    assert result.train_params == 48 * 12 + 48 + 24 * 48 + 24 + 4 * 24 + 4
+    assert result.test_accuracy > 0.6  # four classes: chance is 0.25 (the baseline gets 0.81)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Linear(12, 4)),
+        nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(40, 4)),
+        nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)),
+        build_model("cnn1d", input_shape=(40,), num_classes=10),
+    ],
+    ids=["no-hidden-layer", "conv", "batchnorm", "cnn1d"],
+)
+def test_models_other_than_mlps_are_a_user_error(model: nn.Module) -> None:
+    with pytest.raises(UserError, match="supports MLPs"):
+        SubsetSelection(settings("subset")).prepare(model, _run(TrainConfig()))
+
+
+@pytest.mark.parametrize("options", [{"t": "0"}, {"alpha": "-1"}, {"beta": "nan"}, {"t": "x"}])
+def test_bad_options_are_user_errors(options: dict[str, str]) -> None:
+    with pytest.raises(UserError, match="subset"):
+        SubsetSelection(settings("subset", **options))

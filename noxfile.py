@@ -1,0 +1,64 @@
+"""CI sessions, run on the uv backend: `uv run nox -s tests` (or lint, typecheck)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+# What `nox -s report` runs when given no arguments: the paper's Table 1 layout on MNIST-1D with a
+# reduced learning-rate grid (5 of the paper's 10 rates) so that it finishes within an hour on a
+# 2-core machine; the report states the grid it used. Any posargs are appended and win.
+REPORT_PRESET = "paper-table1"
+REPORT_DEFAULTS = ["--lr-grid", "paper:-2..2", "--jobs", "2"]
+
+PYTHON = "3.11"
+
+
+def _sync(session: nox.Session) -> None:
+    """Install the locked environment (sopkit, the baselines plugin and dev tools) into the session."""
+    session.run_install(
+        "uv",
+        "sync",
+        "--locked",
+        f"--python={session.virtualenv.location}",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The README's test command: the whole suite (slow tests included; pass -m 'not slow' to skip)."""
+    _sync(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    _sync(session)
+    session.run("ruff", "check", "sopkit", "baselines", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy over the sopkit package."""
+    _sync(session)
+    session.run("mypy", "sopkit", "baselines/src")
+
+
+@nox.session(python=PYTHON)
+def report(session: nox.Session) -> None:
+    """Run a preset and write its reports to reports/<preset>/ (resumes an interrupted run).
+
+    `nox -s report` regenerates the committed MNIST-1D Table-1 report; `nox -s report -- --preset
+    my.toml --seeds 5` runs another preset or grid (options after `--` are passed to sopkit compare).
+    """
+    _sync(session)
+    args = [*REPORT_DEFAULTS, *session.posargs]
+    preset = REPORT_PRESET
+    if "--preset" in args:
+        preset = args[len(args) - 1 - args[::-1].index("--preset") + 1]
+    name = preset.rsplit("/", 1)[-1].removesuffix(".toml")
+    session.run("sopkit", "compare", "--preset", preset, *args, "--out", f"reports/{name}")

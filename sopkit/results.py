@@ -1,0 +1,214 @@
+"""From stored trials to the figures a report shows (paper Section 5.1 protocol).
+
+Trials are grouped by everything that is not strategy, seed or learning rate (data set, model,
+optimizer and the rest of the training configuration). In each group, every strategy's learning rate
+is chosen by the mean VALIDATION accuracy over seeds; a rate at which any seed diverged is never
+chosen. The test accuracy at the chosen rate is reported as mean ± std over seeds, and against
+``baseline`` on the same seeds as the mean paired difference with a 95% t-interval.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+REFERENCE_STRATEGY = "baseline"
+CONFIDENCE = 0.95
+
+
+@dataclass
+class PairedDifference:
+    """``strategy - baseline`` test accuracy over the seeds both have, with a t confidence interval."""
+
+    mean: float
+    low: float | None  # None with a single pair: no interval can be given
+    high: float | None
+    pairs: int
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes zero."""
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
+
+
+@dataclass
+class StrategyResult:
+    """One strategy in one group, at its chosen learning rate."""
+
+    strategy: str
+    chosen_lr: float | None  # None when every rate diverged
+    lr_scores: dict[float, float | None]  # mean validation accuracy per rate (None: diverged)
+    seeds: list[int]
+    test_accuracies: list[float]
+    test_accuracy_mean: float
+    test_accuracy_std: float
+    val_accuracy_mean: float
+    train_params: int
+    inference_params: int
+    median_step_time: float
+    step_time_ratio: float | None
+    wall_time: float  # summed over the seeds at the chosen rate
+    curves: list[list[dict[str, Any]]]  # per seed at the chosen rate: the epoch records
+    diverged: list[dict[str, Any]]  # every diverged trial: seed, lr, step
+    paired: PairedDifference | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    trials: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        record = {k: v for k, v in self.__dict__.items() if k not in ("paired", "curves")}
+        record["lr_scores"] = {repr(lr): score for lr, score in self.lr_scores.items()}
+        record["paired_difference"] = None if self.paired is None else self.paired.__dict__
+        return record
+
+
+@dataclass
+class Group:
+    """Every strategy trained on one data set, model, optimizer and configuration."""
+
+    dataset: str
+    model: str
+    optimizer: str
+    train: dict[str, Any]  # the configuration shared by the group, without the learning rate
+    expansion: int
+    strategies: list[StrategyResult]
+    lr_grid: list[float]
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset} / {self.model} / {self.optimizer}"
+
+
+def t_quantile(probability: float, degrees_of_freedom: int) -> float:
+    """Student's t quantile (scipy's when available; mnist1d already depends on scipy)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(probability, degrees_of_freedom))
+
+
+def paired_difference(
+    values: Mapping[int, float], reference: Mapping[int, float]
+) -> PairedDifference | None:
+    """Mean of ``values[s] - reference[s]`` over shared seeds, with a 95% t-interval."""
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    differences = [values[s] - reference[s] for s in seeds]
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return PairedDifference(mean, None, None, 1)
+    half_width = t_quantile(0.5 + CONFIDENCE / 2, len(differences) - 1) * (
+        statistics.stdev(differences) / math.sqrt(len(differences))
+    )
+    return PairedDifference(mean, mean - half_width, mean + half_width, len(differences))
+
+
+def _group_key(trial: Mapping[str, Any]) -> tuple[Any, ...]:
+    train = {k: v for k, v in trial["train"].items() if k != "lr"}
+    options = tuple(sorted(trial.get("options", {}).items()))
+    return (
+        trial["dataset"],
+        trial["model"],
+        trial["optimizer"],
+        tuple(sorted(train.items())),
+        trial["expansion"],
+        options,
+    )
+
+
+def _median(values: Iterable[float | None]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def _summarise_strategy(name: str, trials: Sequence[Mapping[str, Any]]) -> StrategyResult:
+    by_lr: dict[float, list[Mapping[str, Any]]] = {}
+    for trial in trials:
+        by_lr.setdefault(trial["lr"], []).append(trial)
+    scores: dict[float, float | None] = {}
+    for lr, runs in sorted(by_lr.items()):
+        if any(r["diverged_at_step"] is not None for r in runs):
+            scores[lr] = None
+        else:
+            scores[lr] = statistics.fmean(r["val_accuracy"] for r in runs)
+    eligible = {lr: s for lr, s in scores.items() if s is not None}
+    # Highest validation accuracy; ties go to the smaller rate (the more conservative choice).
+    chosen = max(eligible, key=lambda lr: (eligible[lr], -lr)) if eligible else None
+    at_chosen = sorted(by_lr[chosen] if chosen is not None else [], key=lambda r: r["seed"])
+    accuracies = [r["test_accuracy"] for r in at_chosen]
+    extra_keys = sorted(
+        {k for r in at_chosen for k, v in r.get("extra", {}).items() if isinstance(v, int | float)}
+    )
+    example = at_chosen[0] if at_chosen else trials[0]
+    return StrategyResult(
+        strategy=name,
+        chosen_lr=chosen,
+        lr_scores=scores,
+        seeds=[r["seed"] for r in at_chosen],
+        test_accuracies=accuracies,
+        test_accuracy_mean=statistics.fmean(accuracies) if accuracies else math.nan,
+        test_accuracy_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        val_accuracy_mean=(
+            statistics.fmean(r["val_accuracy"] for r in at_chosen) if at_chosen else math.nan
+        ),
+        train_params=example["train_params"],
+        inference_params=example["inference_params"],
+        # Step time does not depend on the rate: every trial of the strategy contributes its median.
+        median_step_time=_median(r.get("median_step_time") for r in trials),
+        step_time_ratio=None,
+        wall_time=sum(r["wall_time"] for r in at_chosen),
+        curves=[r.get("curve", []) for r in at_chosen],
+        diverged=[
+            {"seed": r["seed"], "lr": r["lr"], "step": r["diverged_at_step"]}
+            for r in trials
+            if r["diverged_at_step"] is not None
+        ],
+        extra={
+            k: statistics.fmean(r["extra"][k] for r in at_chosen if k in r.get("extra", {}))
+            for k in extra_keys
+        },
+        trials=len(trials),
+    )
+
+
+def aggregate(
+    trials: Sequence[Mapping[str, Any]], strategy_order: Sequence[str] = ()
+) -> list[Group]:
+    """Group stored trials and summarise every strategy in every group."""
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for trial in trials:
+        groups.setdefault(_group_key(trial), []).append(trial)
+    result = []
+    for group_trials in groups.values():
+        first = group_trials[0]
+        by_strategy: dict[str, list[Mapping[str, Any]]] = {}
+        for trial in group_trials:
+            by_strategy.setdefault(trial["strategy"], []).append(trial)
+        order = [s for s in strategy_order if s in by_strategy] + sorted(
+            s for s in by_strategy if s not in strategy_order
+        )
+        summaries = [_summarise_strategy(name, by_strategy[name]) for name in order]
+        reference = next((s for s in summaries if s.strategy == REFERENCE_STRATEGY), None)
+        for summary in summaries:
+            if reference is not None:
+                if reference.median_step_time > 0:
+                    summary.step_time_ratio = summary.median_step_time / reference.median_step_time
+                if summary is not reference:
+                    summary.paired = paired_difference(
+                        dict(zip(summary.seeds, summary.test_accuracies, strict=True)),
+                        dict(zip(reference.seeds, reference.test_accuracies, strict=True)),
+                    )
+        result.append(
+            Group(
+                dataset=first["dataset"],
+                model=first["model"],
+                optimizer=first["optimizer"],
+                train={k: v for k, v in first["train"].items() if k != "lr"},
+                expansion=first["expansion"],
+                strategies=summaries,
+                lr_grid=sorted({t["lr"] for t in group_trials}),
+            )
+        )
+    return result

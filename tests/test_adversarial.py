@@ -1,0 +1,283 @@
+"""Adversarial majority kernels (paper Appendix B): the mixing stays a probability vector whatever
+the step, ``u`` is a weight in [0, 1], the gradient with respect to ``p`` is the true one, and with
+``eps = 0`` a step is exactly an MK step with the same random draw."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sopkit.data import DataSplits, TensorSplit
+from sopkit.errors import UserError
+from sopkit.majority import expand, find_majority, fixed_mixing, sample_dirichlet
+from sopkit.models import mlp
+from sopkit.strategies.adversarial import (
+    AdversarialMajorityKernels,
+    AdversarialOnlyMajorityKernels,
+    adversarial_mixing,
+    mixing_gradient,
+    normalized_kl_to_uniform,
+    project_to_simplex,
+)
+from sopkit.strategies.majority import MajorityKernelsStrategy
+from sopkit.strategy import StrategySettings
+from sopkit.train import TrainConfig, TrainingSession
+
+
+def _settings(name: str = "adv-mk", **options: str) -> StrategySettings:
+    return StrategySettings(expansion=3, options=options, strategy_name=name)
+
+
+def _expanded_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return expand(mlp((12,), 4, hidden=(16,)), 3, seed=seed)
+
+
+def _batch(seed: int = 0, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 12, generator=generator)
+    return x, torch.randint(0, 4, (n,), generator=generator)
+
+
+def _tiny_data(n: int = 96) -> DataSplits:
+    """A small learnable problem: the label is the argmax of a fixed linear map of the input."""
+    generator = torch.Generator().manual_seed(123)
+    x = torch.randn(n + 64, 12, generator=generator)
+    y = (x @ torch.randn(12, 4, generator=generator)).argmax(dim=1)
+    train = TensorSplit(x[:n], y[:n])
+    held_out = TensorSplit(x[n:], y[n:])
+    return DataSplits("tiny", (12,), 4, train, held_out, held_out)
+
+
+def _assert_on_simplex(p: torch.Tensor) -> None:
+    assert torch.isfinite(p).all()
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(dim=0), torch.ones(p.shape[1]), atol=1e-5, rtol=0)
+
+
+# ---- the simplex projection and u ---------------------------------------------------------------
+
+
+def test_projection_matches_a_worked_example_and_keeps_simplex_points() -> None:
+    v = torch.tensor([[0.5, 2.0, 1 / 3], [0.5, 0.0, 1 / 3], [0.2, 0.0, 1 / 3]])
+    # Column 0: rho = 3, theta = (1.2 - 1) / 3 = 1/15; column 1 is past a vertex; column 2 is uniform.
+    expected = torch.tensor([[13 / 30, 1.0, 1 / 3], [13 / 30, 0.0, 1 / 3], [4 / 30, 0.0, 1 / 3]])
+    torch.testing.assert_close(project_to_simplex(v), expected)
+
+
+@pytest.mark.parametrize("e", [2, 3, 4, 6])
+def test_projection_is_the_closest_point_of_the_simplex(e: int) -> None:
+    generator = torch.Generator().manual_seed(e)
+    v = 2 * torch.randn(e, 200, generator=generator)
+    projected = project_to_simplex(v)
+    _assert_on_simplex(projected)
+    # No other point of the simplex is closer (checked against many random ones and the vertices).
+    candidates = [sample_dirichlet(e, 200, generator=generator) for _ in range(200)]
+    candidates += [F.one_hot(torch.full((200,), k), e).T.float() for k in range(e)]
+    best = (v - projected).norm(dim=0)
+    for q in candidates:
+        assert ((v - q).norm(dim=0) >= best - 1e-5).all()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e6, 1e30])
+def test_projection_stays_on_the_simplex_at_any_scale(scale: float) -> None:
+    v = scale * torch.randn(3, 500, generator=torch.Generator().manual_seed(1))
+    _assert_on_simplex(project_to_simplex(v))
+
+
+def test_u_is_zero_at_uniform_one_at_a_vertex_and_in_between_otherwise() -> None:
+    uniform = torch.full((3, 5), 1 / 3)
+    vertex = F.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3).T.float()
+    random = sample_dirichlet(3, 1000, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(normalized_kl_to_uniform(uniform), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalized_kl_to_uniform(vertex), torch.ones(5))
+    u = normalized_kl_to_uniform(random)
+    assert (u >= 0).all() and (u <= 1).all()
+    assert 0.05 < u.mean() < 0.95  # a Dirichlet draw is neither uniform nor a vertex
+    # KL(p || uniform) / log e, computed the long way.
+    p = random[:, :3]
+    expected = (p * (p * 3).log()).sum(dim=0) / math.log(3)
+    torch.testing.assert_close(normalized_kl_to_uniform(p), expected)
+
+
+# ---- the adversarial mixing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_scale", ["l2", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.3, 1e4, 1e30])
+@pytest.mark.parametrize("with_random", [False, True])
+def test_mixing_is_on_the_simplex_and_u_in_unit_interval_for_any_eps(
+    grad_scale: str, eps: float, with_random: bool
+) -> None:
+    generator = torch.Generator().manual_seed(3)
+    grad_p = 1e-4 * torch.randn(3, 400, generator=generator)
+    random_p = sample_dirichlet(3, 400, generator=generator) if with_random else None
+    p, u = adversarial_mixing(grad_p, eps, grad_scale=grad_scale, random_p=random_p)
+    _assert_on_simplex(p)
+    assert u.shape == (400,)
+    assert (u >= 0).all() and (u <= 1).all()
+
+
+def test_a_huge_step_goes_to_the_vertex_the_gradient_points_to() -> None:
+    grad_p = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))
+    p, u = adversarial_mixing(grad_p, 1e30)
+    torch.testing.assert_close(p, F.one_hot(grad_p.argmax(dim=0), 3).T.float())
+    torch.testing.assert_close(u, torch.ones(300))
+
+
+def test_a_small_literal_step_is_the_centred_gradient_step() -> None:
+    grad_p = torch.randn(3, 50, generator=torch.Generator().manual_seed(5))
+    p, _ = adversarial_mixing(grad_p, 0.01, grad_scale="none")
+    torch.testing.assert_close(p, 1 / 3 + 0.01 * (grad_p - grad_p.mean(dim=0)))
+
+
+def test_an_l2_step_has_length_eps_in_p_space() -> None:
+    grad_p = torch.randn(3, 500, generator=torch.Generator().manual_seed(8))
+    p, _ = adversarial_mixing(grad_p, 0.5, grad_scale="l2")
+    assert (p > 0).all()  # still inside the simplex, where the projection only centres the step
+    torch.testing.assert_close((p - 1 / 3).norm(), torch.tensor(0.5))
+    # The step does not depend on the gradient's scale.
+    torch.testing.assert_close(adversarial_mixing(1e-6 * grad_p, 0.5)[0], p)
+
+
+def test_u_weighs_the_adversarial_against_the_random_mixing() -> None:
+    generator = torch.Generator().manual_seed(6)
+    grad_p = torch.randn(3, 200, generator=generator)
+    random_p = sample_dirichlet(3, 200, generator=generator)
+    adversarial, u = adversarial_mixing(grad_p, 0.3)
+    mixed, _ = adversarial_mixing(grad_p, 0.3, random_p=random_p)
+    torch.testing.assert_close(mixed, u * adversarial + (1 - u) * random_p)
+
+
+# ---- the gradient with respect to p ---------------------------------------------------------------
+
+
+def test_mixing_gradient_matches_autograd_through_an_explicit_p() -> None:
+    model = _expanded_model()
+    holder = find_majority(model)
+    assert holder is not None
+    x, y = _batch()
+    p = torch.full_like(holder.copies, 1 / 3).requires_grad_(True)
+    with fixed_mixing(model, p):
+        loss = F.cross_entropy(model(x), y)
+    (expected,) = torch.autograd.grad(loss, p)
+    grad_p, uniform_loss = mixing_gradient(model, holder, x, y)
+    torch.testing.assert_close(grad_p, expected, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(uniform_loss, loss.detach())
+    assert grad_p.abs().max() > 0
+
+
+def test_the_uniform_pass_leaves_no_gradient_behind() -> None:
+    model = _expanded_model()
+    strategy = AdversarialMajorityKernels(_settings())
+    x, y = _batch()
+    loss = strategy.loss(model, x, y, None)  # type: ignore[arg-type]
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert find_majority(model).fixed_mixing is None  # type: ignore[union-attr]
+    # The loop's backward then sees only the loss at the chosen mixing.
+    loss.backward()
+    assert find_majority(model).copies.grad is not None  # type: ignore[union-attr]
+
+
+def test_the_adversarial_mixing_raises_the_loss() -> None:
+    model = _expanded_model()
+    holder = find_majority(model)
+    assert holder is not None
+    x, y = _batch()
+    strategy = AdversarialOnlyMajorityKernels(_settings("adv-mk-only"))
+    p, _ = strategy.mixing(model, holder, x, y)
+    with torch.no_grad(), fixed_mixing(model, "uniform"):
+        uniform_loss = F.cross_entropy(model(x), y)
+    with torch.no_grad(), fixed_mixing(model, p):
+        adversarial_loss = F.cross_entropy(model(x), y)
+    assert adversarial_loss > uniform_loss + 1e-3
+
+
+# ---- eps = 0 is MK ---------------------------------------------------------------------------------
+
+
+def test_with_eps_zero_a_step_is_an_mk_step_with_the_same_random_draw() -> None:
+    mk_model = _expanded_model()
+    adv_model = copy.deepcopy(mk_model)
+    x, y = _batch()
+    torch.manual_seed(7)
+    mk_loss = MajorityKernelsStrategy(_settings("mk")).loss(mk_model, x, y, None)  # type: ignore[arg-type]
+    mk_loss.backward()
+    torch.manual_seed(7)
+    adv = AdversarialMajorityKernels(_settings(eps="0"))
+    adv_loss = adv.loss(adv_model, x, y, None)  # type: ignore[arg-type]
+    adv_loss.backward()
+    torch.testing.assert_close(adv_loss, mk_loss, rtol=1e-6, atol=1e-7)
+    for (name, mk_param), adv_param in zip(mk_model.named_parameters(), adv_model.parameters(),
+                                           strict=True):
+        assert adv_param.grad is not None, name
+        torch.testing.assert_close(adv_param.grad, mk_param.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_with_eps_zero_training_follows_mk() -> None:
+    session = TrainingSession(
+        _tiny_data(), lambda: mlp((12,), 4, hidden=(16,)), TrainConfig(epochs=2, batch_size=16),
+        device=torch.device("cpu"), seed=3,
+    )
+    mk = session.train(MajorityKernelsStrategy(_settings("mk")))
+    adv = session.train(AdversarialMajorityKernels(_settings(eps="0")))
+    assert adv.model is not None and mk.model is not None
+    for (name, a), b in zip(adv.model.state_dict().items(), mk.model.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adversarial_only_with_eps_zero_trains_at_the_uniform_mixing() -> None:
+    model = _expanded_model()
+    holder = find_majority(model)
+    assert holder is not None
+    x, y = _batch()
+    state = torch.get_rng_state()
+    p, u = AdversarialOnlyMajorityKernels(_settings("adv-mk-only", eps="0")).mixing(
+        model, holder, x, y
+    )
+    assert torch.equal(torch.get_rng_state(), state)  # B.1 draws no random mixing
+    torch.testing.assert_close(p, torch.full_like(p, 1 / 3))
+    torch.testing.assert_close(u, torch.zeros_like(u), atol=1e-6, rtol=0)
+
+
+# ---- options and reporting -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{"eps": "-1"}, {"eps": "nan"}, {"eps": "x"},
+                                     {"grad_scale": "max"}])
+def test_bad_options_are_user_errors(options: dict[str, str]) -> None:
+    with pytest.raises(UserError, match="adv-mk"):
+        AdversarialMajorityKernels(_settings(**options))
+
+
+def test_options_are_scoped_to_each_strategy() -> None:
+    settings = StrategySettings(3, {"adv-mk.eps": "0.7", "eps": "0.2"})
+    assert AdversarialMajorityKernels(settings.for_strategy("adv-mk")).eps == 0.7
+    assert AdversarialOnlyMajorityKernels(settings.for_strategy("adv-mk-only")).eps == 0.2
+
+
+def test_a_run_reports_its_mean_u() -> None:
+    session = TrainingSession(
+        _tiny_data(), lambda: mlp((12,), 4, hidden=(16,)), TrainConfig(epochs=1, batch_size=32),
+        device=torch.device("cpu"),
+    )
+    result = AdversarialMajorityKernels(_settings()).fit(session)
+    assert 0 < result.extra["mean_u"] < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_mixing_on_cuda_matches_the_cpu() -> None:
+    generator = torch.Generator().manual_seed(9)
+    grad_p = torch.randn(3, 1000, generator=generator)
+    random_p = sample_dirichlet(3, 1000, generator=generator)
+    on_cpu = adversarial_mixing(grad_p, 5.0, random_p=random_p)
+    on_cuda = adversarial_mixing(grad_p.cuda(), 5.0, random_p=random_p.cuda())
+    for a, b in zip(on_cpu, on_cuda, strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)

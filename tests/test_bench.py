@@ -1,0 +1,140 @@
+"""``sopkit bench``: it runs, writes what it promises, and rejects bad input with exit status 2.
+
+These tests check the plumbing on a tiny model with a handful of steps; they assert nothing about
+speed (timings belong in BENCHMARKS.md, measured by ``sopkit bench`` itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sopkit.bench import _ProbeSession, _single_step_note, parse_input_shape
+from sopkit.cli import app
+from sopkit.errors import UserError
+from sopkit.strategies import Baseline, MajorityKernelsStrategy
+from sopkit.strategy import Strategy
+from sopkit.train import TrainConfig
+
+runner = CliRunner()
+
+TINY = ("--model", "mlp-a1", "--input-shape", "12", "--batch-size", "8", "--device", "cpu")
+FAST = ("--repeats", "3", "--steps", "2", "--warmup", "1", "--threads", "1")
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count() -> Iterator[None]:
+    """``--threads`` sets torch's global thread count; put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_writes_bench_json_with_finite_positive_ratios(tmp_path):
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", *TINY, *FAST, "--strategies", "mk", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "x baseline" in result.output and "hand-written loop" in result.output
+
+    record = json.loads((out / "bench.json").read_text())
+    assert {"config", "provenance", "device", "threads", "strategies", "loop", "loop_ratio"} <= set(
+        record
+    )
+    assert record["config"]["model"] == "mlp-a1" and record["config"]["input_shape"] == [12]
+    assert record["threads"] == 1
+    assert {"versions", "git_revision", "torch_threads"} <= set(record["provenance"])
+    assert list(record["strategies"]) == ["baseline", "mk"]  # the baseline is always measured
+    for entry in [*record["strategies"].values(), *record["loop"].values()]:
+        assert entry["measured"]
+        assert len(entry["step_ms"]) == len(entry["ratios"]) == 3
+        for value in [*entry["ratios"], *entry["step_ms"], entry["ratio"], entry["median_step_ms"]]:
+            assert math.isfinite(value) and value > 0
+    assert record["strategies"]["baseline"]["ratios"] == [1.0, 1.0, 1.0]
+    mk, baseline = record["strategies"]["mk"], record["strategies"]["baseline"]
+    # e copies of every weight, and e times their gradients and Adam state (biases stay single).
+    assert mk["train_params"] > 2.5 * baseline["train_params"]
+    assert mk["state_bytes"] > 2.5 * baseline["state_bytes"]
+    assert math.isfinite(record["loop_ratio"]) and record["loop_ratio"] > 0
+
+
+def test_bench_accepts_an_image_shaped_input():
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            "mlp-a1",
+            "--input-shape",
+            "3,4,4",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            *FAST,
+            "--strategies",
+            "baseline",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--strategies", "no-such-strategy"), "Unknown strategy"),
+        (("--model", "no-such-model"), "Unknown model"),
+        (("--batch-size", "0"), "--batch-size must be a positive integer"),
+        (("--batch-size", "-3"), "--batch-size must be a positive integer"),
+        (("--input-shape", "3,a"), "--input-shape"),
+        (("--repeats", "0"), "--repeats must be a positive integer"),
+        (("--expansion", "1"), "--expansion must be at least 2"),
+        (("--bf16",), "only supported on CUDA"),
+        (("--set", "novalue"), "KEY=VALUE"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message):
+    base = ["bench", *TINY, *FAST, "--strategies", "baseline"]
+    result = runner.invoke(app, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_input_shapes_parse():
+    assert parse_input_shape("3072") == (3072,)
+    assert parse_input_shape("3,32,32") == (3, 32, 32)
+    assert parse_input_shape("3x32x32") == (3, 32, 32)
+    for bad in ("", "0", "3,-1", "a"):
+        with pytest.raises(UserError):
+            parse_input_shape(bad)
+
+
+class _TrainsMembers(Strategy):
+    """Like an ensemble: its fit trains other strategies."""
+
+    def fit(self, session):  # type: ignore[no-untyped-def]
+        return [session.train(Baseline(), seed=s) for s in range(3)]
+
+
+class _WrapsItsOwnTraining(MajorityKernelsStrategy):
+    """Like adv-mk: fit overridden only to add to its own single training."""
+
+    def fit(self, session):  # type: ignore[no-untyped-def]
+        result = session.train(self)
+        result.extra["note"] = "wrapped"
+        return result
+
+
+def test_only_strategies_that_train_other_models_are_left_untimed(tiny_data):
+    probe = _ProbeSession(
+        tiny_data, lambda: torch.nn.Linear(12, 4), TrainConfig(), device=torch.device("cpu")
+    )
+    assert _single_step_note(Baseline(), probe) is None
+    assert _single_step_note(_WrapsItsOwnTraining(), probe) is None
+    note = _single_step_note(_TrainsMembers(), probe)
+    assert note is not None and "several models" in note and "baseline" in note
