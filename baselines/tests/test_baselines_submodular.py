@@ -10,6 +10,7 @@ import pytest
 import torch
 from sopkit_baselines.submodular import (
     _greedy_torch,
+    cosine_similarities,
     greedy_select,
     marginal_gains,
     reference_graph,
@@ -136,3 +137,59 @@ def test_the_cuda_path_picks_the_same_rows_as_the_cpu_path() -> None:
         on_cuda = greedy_select(rows.cuda(), m, neighbours=t, alpha=alpha, beta=beta)
         assert on_cuda.device.type == "cuda"
         assert torch.equal(on_cuda.cpu(), on_cpu)
+
+
+def _old_tnn_adjacency(rows: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """The dense construction this module used before (symmetrise the whole matrix, topk, max)."""
+    n = rows.shape[0]
+    unit = torch.nn.functional.normalize(rows, dim=1)
+    similarity = unit @ unit.T
+    similarity = 0.5 * (similarity + similarity.T)
+    similarity.fill_diagonal_(-torch.inf)
+    values, index = similarity.topk(min(neighbours, n - 1), dim=1)
+    directed = rows.new_zeros(n, n).scatter_(1, index, values.clamp_min(0))
+    return torch.maximum(directed, directed.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "d", "t"), [(30, 8, 10), (300, 40, 10), (700, 20, 10), (64, 5, 3)])
+def test_the_edge_wise_graph_is_bit_for_bit_the_old_dense_one(
+    n: int, d: int, t: int, dtype: torch.dtype
+) -> None:
+    # Covers both top-k paths (rows padded to 64 t entries, and rows long enough not to be).
+    rows = _rows(n, d, n + d).to(dtype)
+    assert torch.equal(tnn_adjacency(rows, t), _old_tnn_adjacency(rows, t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_similarities_of_some_rows_are_bit_for_bit_those_of_the_whole_matrix(
+    dtype: torch.dtype,
+) -> None:
+    # What SubsetMLP's cache of the first layer's similarities relies on: recomputing the rows
+    # (and, by symmetry, the columns) that changed gives exactly a full recomputation.
+    rows = _rows(900, 64, 7).to(dtype)
+    full = cosine_similarities(rows)
+    assert torch.equal(full, full.T)
+    changed = torch.randperm(900, generator=torch.Generator().manual_seed(0))[:300].sort().values
+    unit = torch.nn.functional.normalize(rows, dim=1)
+    fresh = torch.nn.functional.normalize(rows[changed], dim=1)
+    assert torch.equal(fresh, unit[changed])
+    assert torch.equal(fresh @ unit.T, full[changed])
+
+
+def test_a_precomputed_similarity_matrix_picks_the_same_rows() -> None:
+    rows = _rows(200, 12, 8).float()
+    assert torch.equal(greedy_select(rows, 60, similarity=cosine_similarities(rows)),
+                       greedy_select(rows, 60))
+
+
+def test_greedy_picks_exactly_the_reference_rows_on_many_random_matrices() -> None:
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        n = int(torch.randint(5, 40, (1,), generator=generator))
+        d = int(torch.randint(2, 12, (1,), generator=generator))
+        t = int(torch.randint(1, 12, (1,), generator=generator))
+        m = int(torch.randint(1, n + 1, (1,), generator=generator))
+        rows = _rows(n, d, 1000 + seed)
+        expected = reference_greedy(reference_graph(rows.numpy(), t), m)
+        assert greedy_select(rows, m, neighbours=t).tolist() == expected, seed

@@ -92,7 +92,7 @@ def test_unchosen_neurons_do_not_change_in_a_step_not_even_through_optimizer_sta
         chosen = set(model.selected[0].tolist())
         reselected_with_momentum += len(seen - chosen)  # had state, now unchosen: the hard case
         seen |= chosen
-        loss = F.cross_entropy(model(x), y)
+        loss = strategy.loss(model, x, y, run)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         strategy.after_backward(model, run)
@@ -139,3 +139,102 @@ def test_models_other_than_mlps_are_a_user_error(model: nn.Module) -> None:
 def test_bad_options_are_user_errors(options: dict[str, str]) -> None:
     with pytest.raises(UserError, match="subset"):
         SubsetSelection(settings("subset", **options))
+
+
+def _old_step(model: SubsetMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+              y: torch.Tensor) -> None:
+    """The step as this strategy once took it: the wide forward, then a snapshot of the unchosen
+    entries and their optimizer state before optimizer.step() and a restore after it."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    frozen = []
+    for parameter, mask in model.frozen_masks():
+        state = optimizer.state.get(parameter, {})
+        shaped = {k: v.clone() for k, v in state.items() if v.shape == parameter.shape}
+        frozen.append((parameter, mask, parameter.detach().clone(), shaped))
+    optimizer.step()
+    with torch.no_grad():
+        for parameter, mask, value, shaped in frozen:
+            parameter.copy_(torch.where(mask, value, parameter))
+            for key, tensor in optimizer.state[parameter].items():
+                if tensor.shape == parameter.shape:
+                    before = shaped.get(key)
+                    tensor.copy_(torch.where(mask, before if before is not None else 0, tensor))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(optimizer="adam", lr=0.05, weight_decay=0.1),
+        TrainConfig(optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=0.1),
+    ],
+    ids=["adam", "sgd-momentum"],
+)
+def test_steps_on_the_gathered_sub_network_equal_the_wide_step_with_snapshot_and_restore(
+    config: TrainConfig,
+) -> None:
+    strategy = SubsetSelection(settings("subset"))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = strategy.prepare(tiny_model(), _run(config))
+        assert isinstance(model, SubsetMLP)
+        models.append((model, make_optimizer(model, config)))
+    (new, new_optimizer), (old, old_optimizer) = models
+    run = _run(config)
+    run.optimizer = new_optimizer
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(10):
+        x = torch.randn(32, 12, generator=generator)
+        y = torch.randint(0, 4, (32,), generator=generator)
+        strategy.before_step(new, run)
+        old.selected = old.choose()
+        assert all(torch.equal(a, b) for a, b in zip(new.selected, old.selected, strict=True))
+        loss = strategy.loss(new, x, y, run)
+        new_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.after_backward(new, run)
+        new_optimizer.step()
+        strategy.after_step(new, run)
+        _old_step(old, old_optimizer, x, y)
+        for p, q in zip(new.parameters(), old.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+            for key, value in old_optimizer.state[q].items():
+                torch.testing.assert_close(new_optimizer.state[p][key], value, rtol=0, atol=0)
+
+
+def test_the_kept_first_layer_similarities_are_those_of_the_current_weights() -> None:
+    config = TrainConfig(optimizer="adam", lr=0.05)
+    torch.manual_seed(5)
+    strategy = SubsetSelection(settings("subset"))
+    run = _run(config)
+    model = strategy.prepare(tiny_model(), run)
+    assert isinstance(model, SubsetMLP)
+    run.optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(6)
+    for step in range(6):
+        strategy.before_step(model, run)  # uses (and updates) the kept similarities
+        kept = model._similarities
+        assert kept is not None
+        unit = F.normalize(model.linears[0].weight.detach(), dim=1)
+        fresh = (unit @ unit.T).fill_diagonal_(-torch.inf)
+        assert torch.equal(kept.matrix, fresh), step
+        cached = model.choose()
+        model._similarities = None  # forget: choose from scratch
+        assert all(torch.equal(a, b) for a, b in zip(cached, model.choose(), strict=True))
+        x = torch.randn(32, 12, generator=generator)
+        y = torch.randint(0, 4, (32,), generator=generator)
+        loss = strategy.loss(model, x, y, run)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        strategy.after_step(model, run)
+    # A change made outside the strategy's steps is noticed: the similarities are recomputed.
+    with torch.no_grad():
+        model.linears[0].weight[0].mul_(-1)
+    model.choose()
+    kept = model._similarities
+    assert kept is not None
+    unit = F.normalize(model.linears[0].weight.detach(), dim=1)
+    assert torch.equal(kept.matrix, (unit @ unit.T).fill_diagonal_(-torch.inf))
