@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -544,7 +545,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
 
     timed = entries + plain
     say(f"timing {len(timed)} loops: {config.repeats} interleaved rounds of {config.steps} steps")
+    load_before = _load_average()
     _time_rounds(timed, device, batches, config.repeats, config.steps)
+    load_after = _load_average()
     baseline = results[BASELINE]
     for entry in timed:
         result = entry.result
@@ -571,7 +574,19 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         provenance=provenance(),
     )
     report.notes = _notes(report, device)
+    if load_before is not None and load_after is not None:
+        report.notes.append(
+            f"Load average (1 min) before/after timing: {load_before:.2f} / {load_after:.2f} on "
+            f"{os.cpu_count()} CPUs; a load above the thread count means other processes competed."
+        )
     return report
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def _notes(report: BenchReport, device: torch.device) -> list[str]:

@@ -131,6 +131,13 @@ def compare(
         typer.Option(help="A shipped preset (e.g. paper-table1) or a TOML file; options override it."),
     ] = None,
     jobs: Annotated[int, typer.Option(help="Worker processes running trials in parallel.")] = 1,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="torch CPU threads per trial; the same with any --jobs, so results do not depend "
+            "on it. Raise it for big models on the CPU."
+        ),
+    ] = 1,
     out: Annotated[
         str | None,
         typer.Option(
@@ -166,7 +173,9 @@ def compare(
     out_dir = Path(out) if out else default_out_dir(plan)
     record = plan_record(plan)
     _run_with_progress(
-        lambda progress: run_plan(plan, out_dir, progress, jobs=jobs), out_dir, record
+        lambda progress: run_plan(plan, out_dir, progress, jobs=jobs, threads=threads),
+        out_dir,
+        record,
     )
     _report(out_dir, plan=record)
 

@@ -13,7 +13,6 @@ those of ``jobs = 1``.
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -408,12 +407,15 @@ def run_plan(
     progress: Progress,
     *,
     jobs: int = 1,
+    threads: int = 1,
 ) -> list[Group]:
     """Run every unfinished trial of ``plan`` and return the aggregated groups of the plan."""
     from sopkit.results import aggregate
 
     if jobs < 1:
         raise UserError(f"--jobs must be a positive number, got {jobs}.")
+    if threads < 1:
+        raise UserError(f"--threads must be a positive number, got {threads}.")
     check_plan(plan)
     database = out_dir / DATABASE_NAME
     store = TrialStore(database)
@@ -429,10 +431,10 @@ def run_plan(
     progress.jobs_done(0, len(pending))
     if jobs == 1:
         for index, job in enumerate(pending, 1):
-            run_job(plan, job, database, progress)
+            run_job(plan, job, database, progress, threads)
             progress.jobs_done(index, len(pending))
     else:
-        _run_parallel(plan, pending, database, progress, jobs)
+        _run_parallel(plan, pending, database, progress, jobs, threads)
     keys = {spec.key for job in all_jobs for spec in job.specs}
     trials = [t for t in store.trials() if t["key"] in keys]
     store.close()
@@ -440,12 +442,15 @@ def run_plan(
 
 
 def _run_parallel(
-    plan: ComparePlan, pending: Sequence[Job], database: Path, progress: Progress, jobs: int
+    plan: ComparePlan,
+    pending: Sequence[Job],
+    database: Path,
+    progress: Progress,
+    jobs: int,
+    threads: int,
 ) -> None:
     import multiprocessing
 
-    # Split the cores between workers so that they do not oversubscribe the machine.
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         running: set[Future[int]] = {

@@ -8,11 +8,17 @@ mean weights: the same classes, the same ``state_dict`` keys, the same parameter
 
 Layout, and why. All expanded weights of a model live in ONE flat parameter ``copies`` of shape
 ``(e, N)`` held by a ``MajorityKernels`` submodule. One forward pre-hook on the root model draws one
-``p`` of shape ``(e, N)`` with one random-number call, mixes once, and hands each layer a view of the
-result as a plain tensor attribute. Compared with ``torch.nn.utils.parametrize`` (about 100 us per
-tensor per forward, and a weight read twice would see two different ``p``) this is one RNG call,
-one reduction and one ``split`` per step, tied weights see a single ``p`` by construction, and the
-optimizer sees a single tensor.
+``p`` of shape ``(e, N)``, mixes once, and hands each layer a view of the result as a plain tensor
+attribute. Compared with ``torch.nn.utils.parametrize`` (about 100 us per tensor per forward, and a
+weight read twice would see two different ``p``) this is one draw, one mixing and one ``split`` per
+step, tied weights see a single ``p`` by construction, and the optimizer sees a single tensor.
+
+Speed, and why (numbers in BENCHMARKS.md). The mixing is a custom autograd Function
+(``_SampledMixing``): forward computes ``w = sum_k p_k w~_k`` with fused multiply-adds, backward
+``grad w~_k = p_k * grad w``, keeping either ``p`` or only the step's seed (``BACKWARD_MODES``).
+``p`` is drawn by a sampler chosen per device (``SAMPLERS``): on the CPU numpy's SFC64 bit generator,
+several times faster than torch's CPU ``rand``; on CUDA a fused Triton kernel that never writes ``p``
+to memory and regenerates it in backward. All samplers draw exactly Dirichlet(1, ..., 1).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import itertools
 import math
 import os
 import sys
@@ -84,9 +91,10 @@ EXPANDABLE: dict[type[nn.Module], tuple[str, ...]] = {
 
 #: How the training mixing ``p`` of a step is drawn (``MajorityKernels.sampler``):
 #:
-#: - ``"sfc64"``: numpy's SFC64 bit generator, in fixed blocks drawn by parallel threads (CPU and
-#:   float32 only; the default there). torch's CPU ``rand`` runs on one core at ~200 M numbers/s
-#:   and was most of an MK step; this is exact in distribution and several times faster.
+#: - ``"sfc64"``: numpy's SFC64 bit generator, in fixed blocks of elements (CPU and float32 only;
+#:   the default there). torch's CPU ``rand`` (one Mersenne Twister behind a lock, ~2.4 ns per
+#:   float here) was most of an MK step; SFC64 gives 64 bits in ~1.8 ns, i.e. both uniforms of
+#:   an e = 3 element, and the spacings are formed block by block while the words are in cache.
 #: - ``"torch"``: ``torch.rand`` (any device and dtype).
 #: - ``"triton"``: one fused CUDA kernel draws ``p`` with Philox and mixes, and one regenerates ``p``
 #:   and forms the copies' gradient in backward (CUDA, e = 2 or 3, needs triton; default there).
@@ -104,12 +112,13 @@ BACKWARD_MODES: tuple[str, ...] = ("auto", "save", "regenerate")
 
 _GRID_BITS = 24
 _GRID = float(1 << _GRID_BITS)  # uniforms are k / 2**24, k uniform in [0, 2**24), as torch.rand's
-# Weight elements per SFC64 stream, which is also the unit of work of the fused CPU pass: small
-# enough that a block's uniforms, p and weights stay in a core's L2 cache, large enough that numpy's
-# per-call overhead is small. Fixed, so that a draw depends on its seed only, never on threads.
+# Weight elements per SFC64 stream, which is also the unit of work of the CPU sampler: small enough
+# that a block's words, uniforms and p stay in a core's L2 cache, large enough that numpy's per-call
+# overhead is small. Fixed, so that a draw depends on its seed only, never on threads.
 _SFC64_BLOCK = 1 << 16
-# Weight elements per seeded torch.rand call: bounds the temporaries of the regenerating path.
-_TORCH_CHUNK = 1 << 20
+# Weight elements per chunk when p is not kept whole (the regenerating path, either sampler): bounds
+# its temporaries. A multiple of _SFC64_BLOCK; for the torch sampler, one seeded rand call.
+_CHUNK = 1 << 20
 _SEED_BOUND = 2**63 - 1
 
 
@@ -139,21 +148,40 @@ def _reset_pool_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
-def _run_parallel(tasks: list[Callable[[], None]]) -> None:
-    """Run ``tasks`` on the calling thread and a small pool; numpy releases the GIL while drawing."""
+def _run_parallel(work: Callable[[int], None], items: int) -> None:
+    """Call ``work(i)`` for every ``i < items`` on the calling thread and up to
+    ``torch.get_num_threads() - 1`` pool threads (numpy releases the GIL in each call).
+
+    Items are handed out one at a time rather than split in advance. Right after a parallel torch
+    operation, torch's OpenMP workers keep spinning on the other cores for several milliseconds
+    (libgomp's default wait policy), so in a training loop a pool thread gets only part of a core:
+    on the 2-core machine a fixed half-and-half split of an mlp-a3 draw took ~4.5 ms against
+    ~3.7 ms on one thread. Taking items as threads become free is never much worse than one thread
+    and uses a core that is really free (with ``OMP_WAIT_POLICY=PASSIVE``: ~2.4 ms).
+    """
     global _pool, _pool_size
-    if len(tasks) == 1:
-        tasks[0]()
+    helpers = min(torch.get_num_threads(), items) - 1
+    if helpers < 1:
+        for i in range(items):
+            work(i)
         return
     with _pool_lock:
-        if _pool is None or _pool_size < len(tasks) - 1:
+        if _pool is None or _pool_size < helpers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool_size = len(tasks) - 1
+            _pool_size = helpers
             _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="sopkit-mixing")
         pool = _pool
-    futures = [pool.submit(task) for task in tasks[1:]]
-    tasks[0]()
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def drain() -> None:
+        for i in iter(counter.__next__, None):
+            if i >= items:
+                return
+            work(i)
+
+    futures = [pool.submit(drain) for _ in range(helpers)]
+    drain()
     for future in futures:
         future.result()
 
@@ -162,8 +190,8 @@ def _spacings(u: torch.Tensor, total: float, out: torch.Tensor) -> torch.Tensor:
     """Dirichlet(1, ..., 1) from ``e - 1`` uniform points on ``[0, total]`` per column (shape
     ``(e - 1, n)``): the gaps between the sorted points, written to ``out`` (shape ``(e, n)``).
 
-    In grid units (``total = 2**24``) every gap is an integer below 2**24, exact in float32, so the
-    gaps sum to ``total`` exactly. For e = 2 and 3 the sort is a copy or a min/max.
+    For e = 2 and 3 the sort is a copy or a min/max. (The torch sampler's path; the SFC64 sampler
+    forms the same spacings in numpy, block by block.)
     """
     end = torch.tensor(total, dtype=out.dtype)  # a CPU scalar: works with tensors on any device
     e = u.shape[0] + 1
@@ -214,79 +242,59 @@ class _BufferPool:
 _buffers = _BufferPool()
 
 
-def _sfc64_pass(
-    seed: int,
-    expansion: int,
-    numel: int,
-    *,
-    p_out: np.ndarray | None = None,
-    copies: np.ndarray | None = None,
-    w_out: np.ndarray | None = None,
-    grad_w: np.ndarray | None = None,
-    grad_out: np.ndarray | None = None,
-) -> None:
-    """Draw the ``"sfc64"`` mixing of ``seed`` block by block and use it while it is in cache.
+def _sfc64_fill(seed: int, expansion: int, start: int, out: np.ndarray) -> np.ndarray:
+    """Write the ``"sfc64"`` mixing of ``seed`` for elements ``[start, start + n)`` into ``out``
+    (float32, shape ``(expansion, n)``; ``start`` a multiple of the block size).
 
     Block ``j`` holds elements ``[j * B, (j + 1) * B)``; its ``e - 1`` uniforms per element come
-    from an SFC64 stream seeded with ``SeedSequence((seed, j))``, so ``p`` depends on the seed alone,
-    never on the thread count. For every block this forms ``p`` (the spacings) and then, as asked:
-    stores it in ``p_out`` ``(e, N)``, mixes ``w_out = sum_k p_k * copies_k``, and/or writes
-    ``grad_out = p * grad_w``. Blocks are shared out over ``torch.get_num_threads()`` threads;
-    numpy releases the GIL in each call.
-
-    Doing all of this per block (64 Ki elements) rather than as whole-array torch operations keeps
-    the uniforms and ``p`` in L2 instead of streaming ~10 passes of ``e * N`` floats through memory.
+    from an SFC64 stream seeded with ``SeedSequence((seed, j))``, so ``p`` depends on the seed
+    alone, never on the thread count or on which range is asked for. Blocks are shared out over
+    ``torch.get_num_threads()`` threads (numpy releases the GIL in each call); each block's words,
+    uniforms and spacings are formed while they are in L2 rather than as whole-array passes.
     """
-    e = expansion
+    e, n = expansion, out.shape[1]
     grid, scale = np.float32(_GRID), np.float32(1.0 / _GRID)
-    starts = list(range(0, numel, _SFC64_BLOCK))
+    starts = list(range(0, n, _SFC64_BLOCK))
 
-    def run_blocks(mine: list[int]) -> None:
-        p_scratch = np.empty((e, _SFC64_BLOCK), dtype=np.float32)
-        u_scratch = np.empty((e - 1) * _SFC64_BLOCK + 1, dtype=np.float32)
-        product = np.empty(_SFC64_BLOCK, dtype=np.float32)
-        for start in mine:
-            stop = min(start + _SFC64_BLOCK, numel)
-            n = stop - start
-            stream = np.random.SFC64(np.random.SeedSequence((seed, start // _SFC64_BLOCK)))
-            bits = stream.random_raw(((e - 1) * n + 1) // 2).view(np.uint32)[: (e - 1) * n]
-            # The top 24 bits of each 32-bit word are one uniform integer in [0, 2**24); the
-            # shift writes them as float32 directly (exact below 2**24).
-            u = u_scratch[: (e - 1) * n].reshape(e - 1, n)
-            np.right_shift(bits.reshape(e - 1, n), 8, out=u, casting="unsafe")
-            p = p_out[:, start:stop] if p_out is not None else p_scratch[:, :n]
-            if e == 2:
-                p[0] = u[0]
-                np.subtract(grid, u[0], out=p[1])
-            elif e == 3:
-                np.minimum(u[0], u[1], out=p[0])
-                np.maximum(u[0], u[1], out=p[2])
-                np.subtract(p[2], p[0], out=p[1])
-                np.subtract(grid, p[2], out=p[2])
-            else:
-                u.sort(axis=0)
-                p[0] = u[0]
-                np.subtract(u[1:], u[:-1], out=p[1:-1])
-                np.subtract(grid, u[-1], out=p[-1])
-            np.multiply(p, scale, out=p)  # exact: integers below 2**24 times a power of two
-            if copies is not None and w_out is not None:
-                w = w_out[start:stop]
-                np.multiply(p[0], copies[0, start:stop], out=w)
-                for k in range(1, e):
-                    np.multiply(p[k], copies[k, start:stop], out=product[:n])
-                    np.add(w, product[:n], out=w)
-            if grad_w is not None and grad_out is not None:
-                np.multiply(p, grad_w[start:stop], out=grad_out[:, start:stop])
+    scratch = threading.local()  # one buffer for a block's uniforms per thread
 
-    workers = max(1, min(torch.get_num_threads(), len(starts)))
-    _run_parallel([lambda k=k: run_blocks(starts[k::workers]) for k in range(workers)])
+    def run_block(index: int) -> None:
+        u_scratch = getattr(scratch, "u", None)
+        if u_scratch is None:
+            u_scratch = scratch.u = np.empty((e - 1) * _SFC64_BLOCK + 1, dtype=np.float32)
+        first = starts[index]
+        last = min(first + _SFC64_BLOCK, n)
+        size = last - first
+        stream = np.random.SFC64(np.random.SeedSequence((seed, (start + first) // _SFC64_BLOCK)))
+        bits = stream.random_raw(((e - 1) * size + 1) // 2).view(np.uint32)[: (e - 1) * size]
+        # The top 24 bits of each 32-bit word are one uniform integer in [0, 2**24); the
+        # shift writes them as float32 directly (exact below 2**24).
+        u = u_scratch[: (e - 1) * size].reshape(e - 1, size)
+        np.right_shift(bits.reshape(e - 1, size), 8, out=u, casting="unsafe")
+        p = out[:, first:last]
+        if e == 2:
+            p[0] = u[0]
+            np.subtract(grid, u[0], out=p[1])
+        elif e == 3:
+            np.minimum(u[0], u[1], out=p[0])
+            np.maximum(u[0], u[1], out=p[2])
+            np.subtract(p[2], p[0], out=p[1])
+            np.subtract(grid, p[2], out=p[2])
+        else:
+            u.sort(axis=0)
+            p[0] = u[0]
+            np.subtract(u[1:], u[:-1], out=p[1:-1])
+            np.subtract(grid, u[-1], out=p[-1])
+        np.multiply(p, scale, out=p)  # exact: integers below 2**24 times a power of two
+
+    _run_parallel(run_block, len(starts))
+    return out
 
 
 def _sfc64_dirichlet(expansion: int, numel: int, seed: int) -> torch.Tensor:
     """The ``(expansion, numel)`` Dirichlet(1..1) draw of ``seed`` with the SFC64 sampler (CPU)."""
-    p = np.empty((expansion, numel), dtype=np.float32)
-    _sfc64_pass(seed, expansion, numel, p_out=p)
-    return torch.from_numpy(p)
+    out = np.empty((expansion, numel), dtype=np.float32)
+    return torch.from_numpy(_sfc64_fill(seed, expansion, 0, out))
 
 
 def _sfc64_applies(device: torch.device, dtype: torch.dtype) -> bool:
@@ -356,77 +364,72 @@ class MixingDraw:
 
     def p(self) -> torch.Tensor:
         """The mixing, shape ``(expansion, numel)``; identical on every call."""
-        if self.sampler == "sfc64":
-            return _sfc64_dirichlet(self.expansion, self.numel, self.seed)
         if self.sampler == "triton":
             return _triton_mixing().p(self)
+        if self.sampler == "sfc64":
+            # From the buffer pool: this p is usually kept for backward, every step.
+            buffer = _buffers.take((self.expansion, self.numel))
+            return torch.from_numpy(_sfc64_fill(self.seed, self.expansion, 0, buffer))
         out = torch.empty(self.expansion, self.numel, device=self.device, dtype=self.dtype)
         for start, stop in self._chunks():
-            self._torch_chunk(start, stop, out[:, start:stop])
+            self._chunk_p(start, out[:, start:stop])
         return out
 
     def _chunks(self) -> list[tuple[int, int]]:
-        return [(s, min(s + _TORCH_CHUNK, self.numel)) for s in range(0, self.numel, _TORCH_CHUNK)]
+        return [(s, min(s + _CHUNK, self.numel)) for s in range(0, self.numel, _CHUNK)]
 
-    def _torch_chunk(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    def _chunk_p(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        """``p`` for elements ``[start, start + out.shape[1])`` (``start`` a chunk boundary)."""
+        if self.sampler == "sfc64":
+            _sfc64_fill(self.seed, self.expansion, start, out.numpy())
+            return out
         # Each chunk has its own seed, so one chunk can be redrawn without drawing the ones before.
         generator = _chunk_generator(self.device)
-        generator.manual_seed(_child_seed(self.seed, start // _TORCH_CHUNK))
+        generator.manual_seed(_child_seed(self.seed, start // _CHUNK))
         u = torch.rand(
             self.expansion - 1,
-            stop - start,
+            out.shape[1],
             device=self.device,
             dtype=self.dtype,
             generator=generator,
         )
         return _spacings(u, 1.0, out)
 
+    def _scratch(self, like: torch.Tensor, size: int) -> torch.Tensor:
+        if self.sampler == "sfc64":
+            return torch.from_numpy(_buffers.take((self.expansion, size)))
+        return like.new_empty(self.expansion, size)
+
+    def _new_w(self, like: torch.Tensor) -> torch.Tensor:
+        if self.sampler == "sfc64":
+            return torch.from_numpy(_buffers.take((self.numel,)))
+        return like.new_empty(self.numel)
+
     def mix(
         self, copies: torch.Tensor, keep_p: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``w = sum_k p_k * copies_k``, and ``p`` itself when ``keep_p`` (else ``p`` never exists
-        in full: the temporaries are one block or chunk)."""
-        if self.sampler == "sfc64":
-            w = _buffers.take((self.numel,))
-            p = _buffers.take((self.expansion, self.numel)) if keep_p else None
-            _sfc64_pass(
-                self.seed,
-                self.expansion,
-                self.numel,
-                p_out=p,
-                copies=copies.detach().numpy(),
-                w_out=w,
-            )
-            return torch.from_numpy(w), None if p is None else torch.from_numpy(p)
+        in full: the temporaries are one chunk). Both ways compute ``w`` with the same operations,
+        so keeping or regenerating ``p`` gives bit-identical training."""
         if self.sampler == "triton":
             return _triton_mixing().forward(copies, self), self.p() if keep_p else None
-        w = copies.new_empty(self.numel)
-        p_all = copies.new_empty(self.expansion, self.numel) if keep_p else None
+        copies = copies.detach()
+        w = self._new_w(copies)
+        if keep_p:
+            p = self.p()
+            return _mix(p, copies, out=w), p
         for start, stop in self._chunks():
-            out = p_all[:, start:stop] if p_all is not None else None
-            if out is None:
-                out = copies.new_empty(self.expansion, stop - start)
-            p = self._torch_chunk(start, stop, out)
+            p = self._chunk_p(start, self._scratch(copies, stop - start))
             _mix(p, copies[:, start:stop], out=w[start:stop])
-        return w, p_all
+        return w, None
 
     def grad(self, grad_w: torch.Tensor) -> torch.Tensor:
         """The copies' gradient ``p_k * grad_w`` with ``p`` regenerated from the seed."""
         if self.sampler == "triton":
             return _triton_mixing().backward(grad_w, self)
-        if self.sampler == "sfc64":
-            grad_out = _buffers.take((self.expansion, self.numel))
-            _sfc64_pass(
-                self.seed,
-                self.expansion,
-                self.numel,
-                grad_w=grad_w.contiguous().numpy(),
-                grad_out=grad_out,
-            )
-            return torch.from_numpy(grad_out)
-        grad = grad_w.new_empty(self.expansion, self.numel)
+        grad = self._scratch(grad_w, self.numel)
         for start, stop in self._chunks():
-            p = self._torch_chunk(start, stop, grad_w.new_empty(self.expansion, stop - start))
+            p = self._chunk_p(start, self._scratch(grad_w, stop - start))
             torch.mul(p, grad_w[start:stop], out=grad[:, start:stop])
         return grad
 
@@ -452,8 +455,8 @@ class _SampledMixing(torch.autograd.Function):
             return None, None, None
         if ctx.save_p:
             (p,) = ctx.saved_tensors
-            if ctx.draw.sampler == "sfc64" and not torch.is_grad_enabled():
-                grad = torch.from_numpy(_buffers.take(tuple(p.shape)))
+            if not torch.is_grad_enabled():
+                grad = ctx.draw._scratch(grad_w, ctx.draw.numel)
                 return torch.mul(p, grad_w, out=grad), None, None
         elif torch.is_grad_enabled():
             # Double backward (create_graph=True): the fused passes are invisible to autograd, so

@@ -188,24 +188,33 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
     torch's fused kernels are used where the parameters' device has them (CPU and CUDA), the
     multi-tensor (foreach) kernels elsewhere. Fused makes one pass over each tensor instead of one
-    per arithmetic operation: on the 2-core CPU an Adam step over mlp-a3 took 0.56 ms fused against
-    1.75 ms foreach, and over majority kernels' three times as many parameters 1.8 ms against 5.9 ms
-    (BENCHMARKS.md). The two differ only in rounding.
+    per arithmetic operation: on the 2-core CPU (one thread) an Adam step over mlp-a3 took 0.59 ms
+    fused against 1.84 ms foreach, and over majority kernels' three times as many parameters
+    2.06 ms against 6.76 ms (BENCHMARKS.md). The two differ only in rounding.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     lr, wd = config.learning_rate, config.weight_decay
 
-    def build(**kernel: bool) -> torch.optim.Optimizer:
+    def build(fused: bool) -> torch.optim.Optimizer:
+        # Exactly one of the two kernels is asked for (torch rejects fused and foreach together).
+        use_fused, use_foreach = (True, None) if fused else (None, True)
         if config.optimizer == "adam":
-            return torch.optim.Adam(parameters, lr=lr, weight_decay=wd, **kernel)
+            return torch.optim.Adam(
+                parameters, lr=lr, weight_decay=wd, fused=use_fused, foreach=use_foreach
+            )
         return torch.optim.SGD(
-            parameters, lr=lr, momentum=config.momentum, weight_decay=wd, **kernel
+            parameters,
+            lr=lr,
+            momentum=config.momentum,
+            weight_decay=wd,
+            fused=use_fused,
+            foreach=use_foreach,
         )
 
     try:
         return build(fused=True)
     except RuntimeError:  # a device (or torch version) without fused kernels
-        return build(foreach=True)
+        return build(fused=False)
 
 
 def make_schedule(

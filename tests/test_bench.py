@@ -95,10 +95,13 @@ def test_bench_accepts_an_image_shaped_input():
         (("--expansion", "1"), "--expansion must be at least 2"),
         (("--bf16",), "only supported on CUDA"),
         (("--set", "novalue"), "KEY=VALUE"),
+        (("--mk-sampler", "dice"), "Unknown --mk-sampler"),
+        (("--mk-sampler", "triton"), "--mk-sampler triton"),
+        (("--mk-backward", "forget"), "Unknown --mk-backward"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
-    base = ["bench", *TINY, *FAST, "--strategies", "baseline"]
+    base = ["bench", *TINY, *FAST, "--strategies", "mk"]
     result = runner.invoke(app, [*base, *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -138,3 +141,17 @@ def test_only_strategies_that_train_other_models_are_left_untimed(tiny_data):
     assert _single_step_note(_WrapsItsOwnTraining(), probe) is None
     note = _single_step_note(_TrainsMembers(), probe)
     assert note is not None and "several models" in note and "baseline" in note
+
+
+def test_regenerating_mk_keeps_less_for_backward_than_saving(tmp_path):
+    saved = {}
+    for mode in ("save", "regenerate"):
+        out = tmp_path / mode
+        args = ["bench", *TINY, *FAST, "--strategies", "mk", "--mk-backward", mode]
+        result = runner.invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        record = json.loads((out / "bench.json").read_text())
+        assert record["config"]["mk_backward"] == mode
+        saved[mode] = record["strategies"]["mk"]["saved_bytes"]
+    # What "save" keeps on top: p, e = 3 floats for each of mlp-a1's 12 x 100 + 100 x 10 weights.
+    assert saved["save"] - saved["regenerate"] == 3 * (12 * 100 + 100 * 10) * 4

@@ -49,14 +49,13 @@ def loss_of(model: nn.Module, device: str = "cpu") -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
-def explicit_mix(p: torch.Tensor, copies: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """The straightforward path: Eq. 4.2 in plain autograd ops, in the fast path's arithmetic
-    (so that forward values, and hence gradients, can be compared bit for bit): fused
-    multiply-adds as torch's ``addcmul`` does them, or a multiply then an add per copy as the
-    SFC64 pass (numpy) does them."""
+def explicit_mix(p: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+    """The straightforward path: Eq. 4.2 in plain autograd ops, in the fast path's arithmetic (a
+    multiply, then fused multiply-adds as ``addcmul`` does them), so that forward values, and
+    hence gradients, can be compared bit for bit."""
     w = p[0] * copies[0]
     for k in range(1, p.shape[0]):
-        w = torch.addcmul(w, p[k], copies[k]) if fused else w + p[k] * copies[k]
+        w = torch.addcmul(w, p[k], copies[k])
     return w
 
 
@@ -74,7 +73,7 @@ def fast_and_reference_gradients(
     torch.manual_seed(123)
     (fast,) = torch.autograd.grad(loss_of(model, device), holder.copies)
 
-    holder.assign(explicit_mix(p, holder.copies, fused=sampler != "sfc64"))
+    holder.assign(explicit_mix(p, holder.copies))
     handle = model._forward_pre_hooks.copy()  # bypass refresh: the layers keep these weights
     model._forward_pre_hooks.clear()
     try:
@@ -132,8 +131,8 @@ def check_regenerated_p_is_the_forward_p(draw: MixingDraw, save_p: bool) -> None
 @pytest.mark.parametrize("save_p", [True, False])
 @pytest.mark.parametrize("expansion", [2, 3, 4])
 def test_regenerated_p_is_the_forward_p_on_cpu(sampler, save_p, expansion):
-    # 2.5 torch chunks, so the chunked regeneration is exercised across chunk boundaries.
-    numel = 5 * majority._TORCH_CHUNK // 2 if sampler == "torch" else 300_001
+    # 2.5 chunks, so the chunked regeneration is exercised across chunk boundaries.
+    numel = 5 * majority._CHUNK // 2 + 7
     draw = MixingDraw(987654321, expansion, numel, torch.device("cpu"), torch.float32, sampler)
     check_regenerated_p_is_the_forward_p(draw, save_p)
 
@@ -188,7 +187,7 @@ def test_sample_gives_the_p_a_training_forward_draws():
     weights = []
     model[0].register_forward_pre_hook(lambda m, a: weights.append(m.weight.detach().clone()))
     loss_of(model)
-    expected = explicit_mix(p, holder.copies.detach(), fused=False)[: model[0].weight.numel()]
+    expected = explicit_mix(p, holder.copies.detach())[: model[0].weight.numel()]
     assert torch.equal(weights[0].flatten(), expected)
 
 
@@ -324,7 +323,7 @@ def test_fast_paths_give_the_straightforward_gradient_on_cuda(sampler, backward)
 def test_regenerated_p_is_the_forward_p_on_cuda(sampler, save_p, expansion):
     if sampler == "triton" and not HAS_TRITON:
         pytest.skip("needs triton")
-    numel = 5 * majority._TORCH_CHUNK // 2
+    numel = 5 * majority._CHUNK // 2
     draw = MixingDraw(2**61 + 3, expansion, numel, torch.device("cuda"), torch.float32, sampler)
     check_regenerated_p_is_the_forward_p(draw, save_p)
 
@@ -337,3 +336,52 @@ def test_cuda_default_keeps_nothing_shaped_like_the_copies():
     assert not holder.saves_p()
     assert holder.resolved_sampler() == ("triton" if HAS_TRITON else "torch")
     assert holder.copies.shape not in saved_shapes(model, "cuda")
+
+
+@pytest.mark.parametrize("backward", ["save", "regenerate"])
+def test_two_forwards_then_two_backwards_accumulate_the_right_gradients(backward):
+    """Gradient accumulation keeps two graphs alive at once: reused buffers must not be shared."""
+    model = small_model(3)
+    holder = find_majority(model)
+    holder.backward = backward
+    model.train()
+    torch.manual_seed(9)
+    first, second = loss_of(model), loss_of(model) * 0.5
+    first.backward()
+    second.backward()
+    accumulated = holder.copies.grad.clone()
+
+    holder.copies.grad = None
+    torch.manual_seed(9)
+    expected = torch.autograd.grad(loss_of(model), holder.copies)[0]
+    expected = expected + torch.autograd.grad(loss_of(model) * 0.5, holder.copies)[0]
+    torch.testing.assert_close(accumulated, expected, rtol=0, atol=0)
+
+
+def test_weights_handed_to_torch_are_never_overwritten_while_held():
+    model = small_model(3)
+    holder = find_majority(model)
+    model.train()
+    kept = [holder.mix_sampled(holder.draw()).detach() for _ in range(6)]
+    snapshots = [w.clone() for w in kept]
+    for _ in range(6):
+        holder.mix_sampled(holder.draw())
+    for w, snapshot in zip(kept, snapshots, strict=True):
+        assert torch.equal(w, snapshot)
+
+
+@pytest.mark.parametrize("sampler", ["sfc64", "torch"])
+def test_double_backward_matches_between_saving_and_regenerating(sampler):
+    """create_graph=True (e.g. a gradient penalty) differentiates through the copies' gradient."""
+    results = []
+    for backward in ("save", "regenerate"):
+        model = small_model(3)
+        holder = find_majority(model)
+        holder.sampler, holder.backward = sampler, backward
+        model.train()
+        torch.manual_seed(4)
+        (grad,) = torch.autograd.grad(loss_of(model), holder.copies, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum(), holder.copies)
+        results.append((grad.detach(), second))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
