@@ -36,7 +36,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff: lint and formatting."""
+    """ruff lint over the package, the plugin and the tests."""
     _sync(session)
     session.run("ruff", "check", "sopkit", "baselines", "tests", "noxfile.py")
 

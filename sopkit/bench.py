@@ -72,8 +72,6 @@ __all__ = [
     "BenchReport",
     "EntryResult",
     "parse_input_shape",
-    "parse_names",
-    "parse_options",
     "print_report",
     "run_bench",
     "write_report",
@@ -82,22 +80,6 @@ __all__ = [
 BASELINE = "baseline"
 PLAIN = "plain loop"
 PLAIN_DEFAULTS = "plain loop, torch.optim defaults"
-
-
-def parse_names(text: str) -> tuple[str, ...]:
-    """``"baseline, mk"`` -> ``("baseline", "mk")``."""
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-def parse_options(pairs: list[str]) -> dict[str, str]:
-    """``["mk.init=replicate"]`` -> ``{"mk.init": "replicate"}`` (strategy options, as for compare)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set expects KEY=VALUE (e.g. mk.init=replicate), got {pair!r}.")
-        options[key.strip()] = value.strip()
-    return options
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

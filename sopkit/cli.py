@@ -50,6 +50,7 @@ def reports_user_errors(command: F) -> F:
 
 
 def _parse_options(pairs: list[str]) -> dict[str, str]:
+    """``["mk.init=replicate"]`` -> ``{"mk.init": "replicate"}``: the strategy options of --set."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -317,8 +318,6 @@ def bench(
     from sopkit.bench import (
         BenchConfig,
         parse_input_shape,
-        parse_names,
-        parse_options,
         print_report,
         run_bench,
         write_report,
@@ -330,7 +329,7 @@ def bench(
         num_classes=num_classes,
         batch_size=batch_size,
         expansion=expansion,
-        strategies=parse_names(strategies or ""),
+        strategies=_names(strategies or ""),
         device=device,
         threads=threads,
         bf16=bf16,
@@ -338,7 +337,7 @@ def bench(
         steps=steps,
         warmup=warmup,
         optimizer=optimizer,
-        options=parse_options(set_ or []),
+        options=_parse_options(set_ or []),
         mk_sampler=mk_sampler,
         mk_backward=mk_backward,
     )

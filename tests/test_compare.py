@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_data import _write_cifar10, skip_cifar_md5  # noqa: F401 (a fixture, used by name)
 
 from sopkit.compare import (
     PAPER_LR_EXPONENTS,
@@ -202,3 +203,26 @@ def test_two_comparisons_writing_one_database_at_once(tmp_path):
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     seeds = sorted({t["seed"] for t in TrialStore(out / DATABASE_NAME).trials()})
     assert seeds == [0, 1, 2, 100, 101, 102]
+
+
+@pytest.mark.usefixtures("skip_cifar_md5")
+def test_the_table1_preset_runs_on_cifar10_from_a_data_dir(tmp_path):
+    """`--preset paper-table1 --dataset cifar10 --data-dir DIR` runs the whole layout on CIFAR-10
+    (here a tiny CIFAR-10 written in the real on-disk format)."""
+    _write_cifar10(tmp_path / "data")
+    plan = build_plan(
+        preset="paper-table1", dataset="cifar10", data_dir=str(tmp_path / "data"),
+        epochs=1, seeds=1, lr_grid="paper:0..0",
+    )
+    groups = run_plan(plan, tmp_path / "out", NullProgress())
+    assert {(g.model, g.optimizer) for g in groups} == {
+        (m, o) for m in ("mlp-a1", "mlp-a2", "mlp-a3") for o in ("adam", "sgd")
+    }
+    for group in groups:
+        assert group.dataset == "cifar10"
+        assert [s.strategy for s in group.strategies] == [
+            "baseline", "ensemble", "distill", "subset", "mk"
+        ]
+        baseline = group.strategies[0]
+        # The first layer takes CIFAR-10's 3 x 32 x 32 inputs: 3072 * width weights.
+        assert baseline.inference_params > 3072 * 100

@@ -113,7 +113,7 @@ def _draw_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 class _Swapped:
     """One parameter while a step trains only its sub-network's entries (see ``enter_step``)."""
 
-    parameter: nn.Parameter
+    parameter: torch.Tensor  # an nn.Parameter (typed as the Tensor nn.Linear declares)
     full: torch.Tensor  # the wide tensor, put back in ``leave_step``
     rows: torch.Tensor | None  # the entries in use: these rows (None: all) ...
     columns: torch.Tensor | None  # ... of these columns (None: all; weights only)
@@ -263,9 +263,9 @@ class SubsetMLP(nn.Module):
         self.selected = self.choose(**options)  # type: ignore[arg-type]
 
     # ---- training only the chosen neurons in a step ------------------------------------------------
-    def _used(self) -> list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]]:
+    def _used(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """Every parameter of the wide network, with the rows and columns the sub-network uses."""
-        used: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]] = []
+        used: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
         hidden = len(self.widths)
         for index, layer in enumerate(self.linears):
             rows = self.selected[index] if index < hidden else None
