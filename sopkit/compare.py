@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sopkit.errors import UserError
+from sopkit.results import PAPER_LR_BASE, PAPER_LR_EXPONENTS
 from sopkit.store import DATABASE_NAME, TrialSpec, TrialStore
 
 if TYPE_CHECKING:
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
     from sopkit.results import Group
     from sopkit.train import TrainConfig
 
-# Paper Section 5.1: 0.001 * 1.5^i (Adam) and 0.025 * 1.5^i (SGD) for i in [-4, 5].
-PAPER_LR_BASE = {"adam": 0.001, "sgd": 0.025}
-PAPER_LR_EXPONENTS = tuple(range(-4, 6))
 
 
 def parse_lr_grid(text: str | None) -> tuple[int, ...] | tuple[float, ...] | None:
@@ -375,14 +373,15 @@ def run_job(
     def build() -> torch.nn.Module:
         return build_model(job.model, input_shape=data.input_shape, num_classes=data.num_classes)
 
+    config = plan.train_config(job.optimizer, job.lr)
     session = TrainingSession(
         data,
         build,
-        plan.train_config(job.optimizer, job.lr),
+        config,
         device=select_device(plan.device),
         seed=job.seed,
         progress=progress,
-        label=f"{job.model} {job.optimizer} lr={session_lr(plan, job):g}",
+        label=f"{job.model} {job.optimizer} lr={config.learning_rate:g}",
     )
     settings = StrategySettings(expansion=plan.expansion, options=dict(plan.options))
     for spec in todo:
@@ -391,10 +390,6 @@ def run_job(
         store.record(spec, result.to_record(), _process_provenance())
     store.close()
     return len(todo)
-
-
-def session_lr(plan: ComparePlan, job: Job) -> float:
-    return plan.train_config(job.optimizer, job.lr).learning_rate
 
 
 def _run_job_in_worker(plan: ComparePlan, job: Job, database: Path, threads: int) -> int:

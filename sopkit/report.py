@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sopkit.results import PAPER_LR_BASE, PAPER_LR_EXPONENTS, REFERENCE_STRATEGY
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -38,14 +40,6 @@ if TYPE_CHECKING:
 
     from sopkit.results import Group, StrategyResult
 
-REFERENCE_STRATEGY = (
-    "baseline"  # the strategy every paired difference and step-time ratio is against
-)
-
-# The centres of the paper's learning-rate grids (Section 5.1: 0.001 * 1.5^i for Adam, 0.025 * 1.5^i
-# for SGD, i in [-4, 5]); used only to describe a grid in those terms.
-PAPER_LR_CENTRES = {"adam": 1e-3, "sgd": 0.025}
-PAPER_LR_EXPONENTS = (-4, 5)
 OPTIMIZER_ORDER = ("adam", "sgd")  # Table 1's column order
 OPTIMIZER_NAMES = {"adam": "Adam", "sgd": "SGD"}
 
@@ -126,7 +120,7 @@ def describe_lr_grid(optimizer: str, rates: Sequence[float]) -> str:
     rates = sorted(rates)
     if not rates:
         return "none"
-    centre = PAPER_LR_CENTRES.get(optimizer)
+    centre = PAPER_LR_BASE.get(optimizer)
     if centre is not None:
         exponents = [math.log(lr / centre) / math.log(1.5) for lr in rates]
         if all(abs(e - round(e)) < 1e-6 for e in exponents):
@@ -137,7 +131,7 @@ def describe_lr_grid(optimizer: str, rates: Sequence[float]) -> str:
                 span = f"i ∈ [{ints[0]}..{ints[-1]}]"
             else:
                 span = "i ∈ {" + ", ".join(map(str, ints)) + "}"
-            low, high = PAPER_LR_EXPONENTS
+            low, high = PAPER_LR_EXPONENTS[0], PAPER_LR_EXPONENTS[-1]
             paper = (
                 "the paper's full grid"
                 if (ints[0], ints[-1], len(ints)) == (low, high, high - low + 1)

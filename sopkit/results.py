@@ -15,7 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-REFERENCE_STRATEGY = "baseline"
+REFERENCE_STRATEGY = "baseline"  # what every paired difference and step-time ratio is against
+# The paper's learning-rate grids (Section 5.1): base * 1.5^i for i in [-4, 5]; the bases are also
+# the default rates when no grid is given.
+PAPER_LR_BASE = {"adam": 0.001, "sgd": 0.025}
+PAPER_LR_EXPONENTS = tuple(range(-4, 6))
 CONFIDENCE = 0.95
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from sopkit.errors import UserError
 from sopkit.majority import count_parameters
+from sopkit.results import PAPER_LR_BASE
 
 if TYPE_CHECKING:
     from sopkit.data import DataSplits, Split
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
-DEFAULT_LR = {"adam": 1e-3, "sgd": 0.025}  # the centres of the paper's learning-rate grids (5.1)
+DEFAULT_LR = PAPER_LR_BASE  # the bases of the paper's learning-rate grids (Section 5.1)
 
 
 @dataclass(frozen=True)
