@@ -317,15 +317,22 @@ def _strategy_entry(
     run = RunContext(config.seed, train_config, device, data, generator, steps_per_epoch=planned)
     state = TrainingState.start(strategy, model, run)
     state.model.train()
+    note = ""
     for module in state.model.modules():
         holder = find_majority(module)
         if holder is not None:
-            holder.sampler, holder.backward = config.mk_sampler, config.mk_backward
+            # --mk-sampler auto leaves the strategy's own choice (its `sampler` option) in place.
+            if config.mk_sampler != "auto":
+                holder.sampler = config.mk_sampler
+            holder.backward = config.mk_backward
             try:
-                holder.resolved_sampler()
+                sampler = holder.resolved_sampler()
             except ValueError as error:  # e.g. --mk-sampler triton on the CPU
-                raise UserError(f"--mk-sampler {config.mk_sampler}: {error}.") from None
-    result = EntryResult(name, measured=True, train_params=count_parameters(state.model))
+                raise UserError(f"--mk-sampler {holder.sampler}: {error}.") from None
+            note = f"p: {sampler} sampler"
+    result = EntryResult(
+        name, measured=True, note=note, train_params=count_parameters(state.model)
+    )
     return _Entry(name, state.step, state.model, state.optimizer, result)
 
 

@@ -305,7 +305,7 @@ def bench(
         typer.Option("--set", help="Strategy option KEY=VALUE, repeatable (as for compare)."),
     ] = None,
     mk_sampler: Annotated[
-        str, typer.Option(help="How majority kernels draw p: auto, sfc64, torch, triton.")
+        str, typer.Option(help="How majority kernels draw p: auto, compiled, sfc64, torch, triton.")
     ] = "auto",
     mk_backward: Annotated[
         str, typer.Option(help="What MK's backward keeps: auto, save (p), regenerate (a seed).")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sopkit import compiled
 from sopkit.data import DataSplits, TensorSplit
 from sopkit.errors import UserError
 from sopkit.majority import expand, find_majority, fixed_mixing, sample_dirichlet
@@ -20,9 +21,11 @@ from sopkit.strategies.adversarial import (
     AdversarialMajorityKernels,
     AdversarialOnlyMajorityKernels,
     adversarial_mixing,
+    adversarial_weights,
     mixing_gradient,
     normalized_kl_to_uniform,
     project_to_simplex,
+    virtual_gradient,
 )
 from sopkit.strategies.majority import MajorityKernelsStrategy
 from sopkit.strategy import StrategySettings
@@ -246,6 +249,63 @@ def test_adversarial_only_with_eps_zero_trains_at_the_uniform_mixing() -> None:
     torch.testing.assert_close(u, torch.zeros_like(u), atol=1e-6, rtol=0)
 
 
+# ---- the fused path (the "compiled" sampler) equals the reference path ---------------------------
+
+needs_compiled = pytest.mark.skipif(
+    not compiled.available(3), reason="the 'compiled' sampler needs torch.compile with a C++ compiler"
+)
+
+
+@needs_compiled
+@pytest.mark.parametrize("diluted", [True, False])
+@pytest.mark.parametrize("grad_scale,eps", [("l2", 1.0), ("l2", 40.0), ("none", 3e4)])
+def test_the_fused_path_computes_the_reference_mixing_and_gradient(diluted, grad_scale, eps):
+    """Same draw, same p: the weights, mean u and copies' gradient of the compiled kernels equal
+    adversarial_mixing's on whole tensors followed by the plain mixing (up to float rounding).
+    eps = 40 puts many columns on faces and vertices of the simplex."""
+    model = _expanded_model()
+    holder = find_majority(model)
+    assert holder is not None
+    holder.sampler = "compiled"
+    x, y = _batch()
+    grad_w, _ = virtual_gradient(model, holder, x, y)
+    draw = holder.draw() if diluted else None
+    copies = holder.copies
+
+    fused_w, fused_u = adversarial_weights(holder, grad_w, eps, grad_scale=grad_scale, draw=draw)
+    grad_out = torch.randn_like(fused_w)
+    (fused_grad,) = torch.autograd.grad(fused_w, copies, grad_out)
+
+    random_p = draw.p() if draw is not None else None
+    p, u = adversarial_mixing(
+        copies.detach() * grad_w, eps, grad_scale=grad_scale, random_p=random_p
+    )
+    assert 0 < u.mean() < 1 and (u > 0.5).any() == (eps > 10)
+    torch.testing.assert_close(fused_w, (p * copies.detach()).sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_u, u.mean(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fused_grad, p * grad_out, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiled
+def test_with_eps_zero_a_fused_step_is_an_mk_step_with_the_same_random_draw() -> None:
+    mk_model = _expanded_model()
+    adv_model = copy.deepcopy(mk_model)
+    for model in (mk_model, adv_model):
+        find_majority(model).sampler = "compiled"  # type: ignore[union-attr]
+    x, y = _batch()
+    torch.manual_seed(7)
+    mk_loss = MajorityKernelsStrategy(_settings("mk")).loss(mk_model, x, y, None)  # type: ignore[arg-type]
+    mk_loss.backward()
+    torch.manual_seed(7)
+    adv_loss = AdversarialMajorityKernels(_settings(eps="0")).loss(adv_model, x, y, None)  # type: ignore[arg-type]
+    adv_loss.backward()
+    torch.testing.assert_close(adv_loss, mk_loss, rtol=1e-6, atol=1e-7)
+    copies = find_majority(mk_model).copies  # type: ignore[union-attr]
+    torch.testing.assert_close(
+        find_majority(adv_model).copies.grad, copies.grad, rtol=1e-5, atol=1e-8  # type: ignore[union-attr]
+    )
+
+
 # ---- options and reporting -------------------------------------------------------------------------
 
 
@@ -262,13 +322,14 @@ def test_options_are_scoped_to_each_strategy() -> None:
     assert AdversarialOnlyMajorityKernels(settings.for_strategy("adv-mk-only")).eps == 0.2
 
 
-def test_a_run_reports_its_mean_u() -> None:
+def test_a_run_reports_its_mean_u_and_sampler() -> None:
     session = TrainingSession(
         _tiny_data(), lambda: mlp((12,), 4, hidden=(16,)), TrainConfig(epochs=1, batch_size=32),
         device=torch.device("cpu"),
     )
-    result = AdversarialMajorityKernels(_settings()).fit(session)
+    result = AdversarialMajorityKernels(_settings(sampler="torch")).fit(session)
     assert 0 < result.extra["mean_u"] < 1
+    assert result.extra["mk_sampler"] == "torch"
 
 
 @pytest.mark.gpu
@@ -281,3 +342,15 @@ def test_the_mixing_on_cuda_matches_the_cpu() -> None:
     on_cuda = adversarial_mixing(grad_p.cuda(), 5.0, random_p=random_p.cuda())
     for a, b in zip(on_cpu, on_cuda, strict=True):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6)
+
+
+def test_mk_records_its_sampler_and_rejects_one_the_device_cannot_run() -> None:
+    session = TrainingSession(
+        _tiny_data(), lambda: mlp((12,), 4, hidden=(16,)), TrainConfig(epochs=1, batch_size=32),
+        device=torch.device("cpu"),
+    )
+    assert MajorityKernelsStrategy(_settings("mk")).fit(session).extra["mk_sampler"] == "sfc64"
+    with pytest.raises(UserError, match="mk.sampler=triton"):
+        MajorityKernelsStrategy(_settings("mk", sampler="triton")).fit(session)
+    with pytest.raises(UserError, match="mk.sampler"):
+        MajorityKernelsStrategy(_settings("mk", sampler="dice"))

@@ -1,7 +1,7 @@
 """Every fast path of majority kernels computes the gradient of the straightforward path.
 
-The fast paths draw ``p`` with another sampler (SFC64 on the CPU, seeded ``torch.rand``, a fused
-Triton kernel on CUDA), mix with fused multiply-adds in a custom autograd Function, and either keep
+The fast paths draw ``p`` with another sampler (a compiled SplitMix64 kernel or SFC64 on the CPU,
+seeded ``torch.rand``, a fused Triton kernel on CUDA), mix with fused multiply-adds in a custom autograd Function, and either keep
 ``p`` for backward or regenerate it from the step's seed. For the same random draw they must give
 the gradients that plain autograd through ``w = sum_k p_k * copies_k`` gives, and a regenerated
 ``p`` must be exactly the forward's: a mismatch would corrupt gradients silently (as in pytorch
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import sopkit.majority as majority
+from sopkit import compiled
 from sopkit.majority import (
     MixingDraw,
     expand,
@@ -32,6 +33,7 @@ from sopkit.majority import (
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_COMPILED = compiled.available(3)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 
@@ -59,6 +61,15 @@ def explicit_mix(p: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def explicit_sum(p: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+    """The straightforward path in the arithmetic of the "compiled" kernel: a product per copy,
+    summed left to right (no fused multiply-add)."""
+    w = p[0] * copies[0]
+    for k in range(1, p.shape[0]):
+        w = w + p[k] * copies[k]
+    return w
+
+
 def fast_and_reference_gradients(
     model: nn.Module, sampler: str, backward: str, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +84,8 @@ def fast_and_reference_gradients(
     torch.manual_seed(123)
     (fast,) = torch.autograd.grad(loss_of(model, device), holder.copies)
 
-    holder.assign(explicit_mix(p, holder.copies))
+    straightforward = explicit_sum if sampler == "compiled" else explicit_mix
+    holder.assign(straightforward(p, holder.copies))
     handle = model._forward_pre_hooks.copy()  # bypass refresh: the layers keep these weights
     model._forward_pre_hooks.clear()
     try:
@@ -85,14 +97,23 @@ def fast_and_reference_gradients(
 
 CPU_PATHS = [
     (sampler, backward, expansion)
-    for sampler in ("sfc64", "torch")
+    for sampler in ("compiled", "sfc64", "torch")
     for backward in ("save", "regenerate")
     for expansion in (2, 3, 5)
 ]
+needs_compiled = pytest.mark.skipif(
+    not HAS_COMPILED, reason="the 'compiled' sampler needs torch.compile with a C++ compiler"
+)
+
+
+def skip_unless_sampler_works(sampler: str) -> None:
+    if sampler == "compiled" and not HAS_COMPILED:
+        pytest.skip("the 'compiled' sampler needs torch.compile with a C++ compiler")
 
 
 @pytest.mark.parametrize("sampler,backward,expansion", CPU_PATHS)
 def test_fast_paths_give_the_straightforward_gradient_on_cpu(sampler, backward, expansion):
+    skip_unless_sampler_works(sampler)
     model = small_model(expansion)
     fast, reference, p = fast_and_reference_gradients(model, sampler, backward)
     assert torch.equal(fast, reference)
@@ -127,10 +148,11 @@ def check_regenerated_p_is_the_forward_p(draw: MixingDraw, save_p: bool) -> None
     assert torch.equal(draw.grad(grad_w), p * grad_w)
 
 
-@pytest.mark.parametrize("sampler", ["sfc64", "torch"])
+@pytest.mark.parametrize("sampler", ["compiled", "sfc64", "torch"])
 @pytest.mark.parametrize("save_p", [True, False])
-@pytest.mark.parametrize("expansion", [2, 3, 4])
+@pytest.mark.parametrize("expansion", [2, 3, 5])
 def test_regenerated_p_is_the_forward_p_on_cpu(sampler, save_p, expansion):
+    skip_unless_sampler_works(sampler)
     # 2.5 chunks, so the chunked regeneration is exercised across chunk boundaries.
     numel = 5 * majority._CHUNK // 2 + 7
     draw = MixingDraw(987654321, expansion, numel, torch.device("cpu"), torch.float32, sampler)
@@ -174,6 +196,33 @@ def test_regenerating_keeps_nothing_shaped_like_the_copies(backward, keeps_p):
     holder = find_majority(model)
     holder.backward = backward
     assert (holder.copies.shape in saved_shapes(model)) == keeps_p
+
+
+@needs_compiled
+def test_compiled_default_keeps_nothing_shaped_like_the_copies():
+    model = small_model(3)
+    holder = find_majority(model)
+    holder.sampler = "compiled"
+    assert not holder.saves_p()
+    assert holder.copies.shape not in saved_shapes(model)
+
+
+def test_auto_uses_the_compiled_kernel_only_for_large_models(monkeypatch):
+    monkeypatch.setattr(majority, "COMPILED_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(compiled, "available", lambda expansion: True)
+    small, large = small_model(3), expand(nn.Linear(40, 30), 3)
+    assert find_majority(small).resolved_sampler() == "sfc64"
+    assert find_majority(large).resolved_sampler() == "compiled"
+
+
+def test_without_a_working_compiler_auto_falls_back_and_compiled_is_refused(monkeypatch):
+    monkeypatch.setattr(majority, "COMPILED_MIN_WEIGHTS", 10)
+    monkeypatch.setattr(compiled, "available", lambda expansion: False)
+    holder = find_majority(small_model(3))
+    assert holder.resolved_sampler() == "sfc64"
+    holder.sampler = "compiled"
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        holder.resolved_sampler()
 
 
 def test_sample_gives_the_p_a_training_forward_draws():
@@ -370,8 +419,9 @@ def test_weights_handed_to_torch_are_never_overwritten_while_held():
         assert torch.equal(w, snapshot)
 
 
-@pytest.mark.parametrize("sampler", ["sfc64", "torch"])
+@pytest.mark.parametrize("sampler", ["compiled", "sfc64", "torch"])
 def test_double_backward_matches_between_saving_and_regenerating(sampler):
+    skip_unless_sampler_works(sampler)
     """create_graph=True (e.g. a gradient penalty) differentiates through the copies' gradient."""
     results = []
     for backward in ("save", "regenerate"):

@@ -183,6 +183,16 @@ def test_a_precomputed_similarity_matrix_picks_the_same_rows() -> None:
                        greedy_select(rows, 60))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_given_norms_pick_the_same_rows(dtype: torch.dtype, beta: float) -> None:
+    # What SubsetMLP passes for the first layer: the similarities and norms it keeps.
+    rows = _rows(200, 12, 9).to(dtype)
+    assert torch.equal(greedy_select(rows, 60, beta=beta, norms=rows.norm(dim=1),
+                                     similarity=cosine_similarities(rows)),
+                       greedy_select(rows, 60, beta=beta))
+
+
 def test_greedy_picks_exactly_the_reference_rows_on_many_random_matrices() -> None:
     for seed in range(40):
         generator = torch.Generator().manual_seed(1000 + seed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from baselines_helpers import settings, tiny_data, tiny_model
-from sopkit_baselines.subset import SubsetMLP, SubsetSelection
+from sopkit_baselines.subset import SubsetMLP, SubsetSelection, _Entries, _normalise_rows_
 from torch import nn
 
 from sopkit.errors import UserError
@@ -220,6 +220,8 @@ def test_the_kept_first_layer_similarities_are_those_of_the_current_weights() ->
         unit = F.normalize(model.linears[0].weight.detach(), dim=1)
         fresh = (unit @ unit.T).fill_diagonal_(-torch.inf)
         assert torch.equal(kept.matrix, fresh), step
+        assert torch.equal(kept.unit, unit), step
+        assert torch.equal(kept.norms, model.linears[0].weight.detach().norm(dim=1)), step
         cached = model.choose()
         model._similarities = None  # forget: choose from scratch
         assert all(torch.equal(a, b) for a, b in zip(cached, model.choose(), strict=True))
@@ -238,3 +240,42 @@ def test_the_kept_first_layer_similarities_are_those_of_the_current_weights() ->
     assert kept is not None
     unit = F.normalize(model.linears[0].weight.detach(), dim=1)
     assert torch.equal(kept.matrix, (unit @ unit.T).fill_diagonal_(-torch.inf))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("d", [1, 12, 37, 784])
+def test_rows_normalised_in_place_are_bit_for_bit_f_normalize(dtype: torch.dtype, d: int) -> None:
+    rows = torch.randn(50, d, generator=torch.Generator().manual_seed(d)).to(dtype)
+    rows[3] = 0  # a zero row: the clamp of the norm decides
+    expected, norms = F.normalize(rows, dim=1), rows.norm(dim=1)
+    in_place = rows.clone()
+    assert torch.equal(_normalise_rows_(in_place), norms)
+    assert torch.equal(in_place, expected)
+    # The norms of some rows are those of the same rows in the whole matrix (the cache keeps them).
+    some = torch.tensor([0, 3, 17, 49])
+    assert torch.equal(_normalise_rows_(rows[some].clone()), norms[some])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # through NumPy, and not
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize(
+    ("rows", "columns"), [([5, 0, 2], [1, 6, 3]), ([4, 1], None), (None, [0, 7]), (None, None)]
+)
+def test_the_entries_of_a_step_are_gathered_and_scattered_like_plain_indexing(
+    dtype: torch.dtype, contiguous: bool, rows: list[int] | None, columns: list[int] | None
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(6, 8, generator=generator).to(dtype)
+    if not contiguous:
+        wide = wide.T.contiguous().T  # the same values, column-major
+    row_index = torch.tensor(rows) if rows is not None else torch.arange(6)
+    column_index = torch.tensor(columns) if columns is not None else torch.arange(8)
+    entries = _Entries.of(None if rows is None else row_index,
+                          None if columns is None else column_index, wide.shape[1])
+    expected = wide[row_index][:, column_index]
+    assert torch.equal(entries.gather(wide), expected)
+    block = torch.randn(expected.shape, generator=generator).to(dtype)
+    scattered, reference = wide.clone(), wide.clone()
+    entries.scatter(scattered, block)
+    reference[row_index[:, None], column_index[None, :]] = block
+    assert torch.equal(scattered, reference)

@@ -54,19 +54,27 @@ Two choices the paper leaves open, and what this module does:
   stronger adversary. The mean ``u`` of a run is reported as ``extra["mean_u"]``.
 
 Cost: two forward and two backward passes per step (the paper's "calculating the gradient twice").
-A model with batch normalisation updates its running statistics in both forward passes.
+A model with batch normalisation updates its running statistics in both forward passes. Everything
+between the two passes is element-wise over the ``e x N`` copies; with the ``"compiled"`` sampler
+(:mod:`sopkit.compiled`) it runs as two compiled kernels: a reduction for the L2 norm, then ascent,
+projection, KL weight, random draw and mixing in one pass that writes ``w`` and ``p``. Measured on mlp-a3 (BENCHMARKS.md), the unfused version spent four times the two passes
+in that element-wise work. Other samplers take the reference path: the functions below applied to
+whole ``(e, N)`` tensors, which the tests compare the fused kernels with.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from sopkit import compiled
 from sopkit.errors import UserError
-from sopkit.majority import MajorityKernels, find_majority, fixed_mixing
+from sopkit.majority import MajorityKernels, MixingDraw, find_majority, fixed_weights
 from sopkit.strategies.majority import MajorityKernelsStrategy
 
 if TYPE_CHECKING:
@@ -80,13 +88,63 @@ __all__ = [
     "AdversarialMajorityKernels",
     "AdversarialOnlyMajorityKernels",
     "adversarial_mixing",
+    "adversarial_weights",
     "mixing_gradient",
     "normalized_kl_to_uniform",
     "project_to_simplex",
+    "virtual_gradient",
 ]
 
 GRAD_SCALES: tuple[str, ...] = ("l2", "none")
 DEFAULT_EPS = 1.0
+
+# The math of steps 2-4 is written once, on the e rows of a mixing (lists of same-shaped tensors):
+# the reference functions apply it to the rows of whole (e, N) tensors, and the fused kernels are
+# the same code compiled, so the two cannot drift apart.
+Rows = list[torch.Tensor]
+
+
+def _total(rows: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The element-wise sum of rows (``sum()`` would start from the integer 0)."""
+    return functools.reduce(torch.add, rows)
+
+
+def _project_rows(v: Rows) -> Rows:
+    """Euclidean projection onto the simplex of every column of the rows ``v`` (see
+    :func:`project_to_simplex`)."""
+    # The projection is unchanged by a shift along (1, ..., 1); shifting the largest entry to 0 keeps
+    # every intermediate O(1) where it matters, so a huge step still lands exactly on a vertex.
+    top = functools.reduce(torch.maximum, v)
+    v = [row - top for row in v]
+    size = len(v)
+    theta = (_total(v) - 1) / size
+    for _ in range(size - 1):  # a fixed count: no data-dependent branch, no device sync
+        active = [row > theta for row in v]
+        count = _total(a.to(v[0].dtype) for a in active)
+        theta = (_total(row * a for row, a in zip(v, active, strict=True)) - 1) / count
+    return [(row - theta).clamp_min(0) for row in v]
+
+
+def _kl_rows(p: Rows) -> torch.Tensor:
+    """``KL(p || uniform) / log e`` of every column of the rows ``p`` (see
+    :func:`normalized_kl_to_uniform`)."""
+    # p * log(p) with 0 * log(0) = 0; clamping inside the log does that and, unlike torch.xlogy,
+    # runs on the vectorised log kernel (xlogy took a quarter of the mixing's time on the CPU).
+    tiny = torch.finfo(p[0].dtype).tiny
+    entropy = -_total(row * row.clamp_min(tiny).log() for row in p)
+    return (1 - entropy / math.log(len(p))).clamp(0.0, 1.0)
+
+
+def _mixing_rows(
+    direction: Rows, step: torch.Tensor | float, random_p: Rows | None
+) -> tuple[Rows, torch.Tensor]:
+    """Steps 2-4 on rows: ``p = project(1/e + step * direction)``, ``u``, and B.2's dilution."""
+    expansion = len(direction)
+    p = _project_rows([1.0 / expansion + step * row for row in direction])
+    u = _kl_rows(p)
+    if random_p is not None:
+        p = [u * adv + (1 - u) * rnd for adv, rnd in zip(p, random_p, strict=True)]
+    return p, u
 
 
 def project_to_simplex(v: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -99,15 +157,7 @@ def project_to_simplex(v: torch.Tensor, dim: int = 0) -> torch.Tensor:
     rounds change nothing). For the small ``e`` of majority kernels this is a few element-wise passes,
     about twice as fast on the CPU as the sort-based algorithm (Duchi et al., 2008) for ``e = 3``.
     """
-    # The projection is unchanged by a shift along (1, ..., 1); shifting the largest entry to 0 keeps
-    # every intermediate O(1) where it matters, so a huge step still lands exactly on a vertex.
-    v = v - v.amax(dim=dim, keepdim=True)
-    size = v.shape[dim]
-    theta = (v.sum(dim=dim, keepdim=True) - 1) / size
-    for _ in range(size - 1):  # a fixed count: no data-dependent branch, no device sync
-        active = v > theta
-        theta = ((v * active).sum(dim=dim, keepdim=True) - 1) / active.sum(dim=dim, keepdim=True)
-    return (v - theta).clamp_min(0)
+    return torch.stack(_project_rows(list(v.unbind(dim))), dim=dim)
 
 
 def normalized_kl_to_uniform(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -116,27 +166,31 @@ def normalized_kl_to_uniform(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
     ``KL(p || 1/e) = log e - H(p)``, so this is ``1 - H(p) / log e``, clamped to [0, 1] against
     rounding.
     """
-    size = p.shape[dim]
-    # p * log(p) with 0 * log(0) = 0; clamping inside the log does that and, unlike torch.xlogy,
-    # runs on the vectorised log kernel (xlogy took a quarter of the mixing's time on the CPU).
-    entropy = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=dim)
-    return (1 - entropy / math.log(size)).clamp(0.0, 1.0)
+    return _kl_rows(list(p.unbind(dim)))
+
+
+def virtual_gradient(
+    model: nn.Module, holder: MajorityKernels, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dL/dw`` of the virtual weights at the uniform mixing (flat, length N), and that loss.
+
+    One forward with the mean weights and one ``autograd.grad`` with respect to them: no graph over
+    ``p``, no ``(e, N)`` gradient, and nothing accumulated in any ``.grad``. Then
+    ``dL/dp_k = copies_k * dL/dw`` element-wise.
+    """
+    weights = holder.mean_weights().detach().requires_grad_()
+    with fixed_weights(model, weights):
+        loss = F.cross_entropy(model(inputs), targets)
+    (grad_w,) = torch.autograd.grad(loss, weights)
+    return grad_w, loss.detach()
 
 
 def mixing_gradient(
     model: nn.Module, holder: MajorityKernels, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dL/dp`` at the uniform mixing, shaped like the copies ``(e, N)``, and that loss.
-
-    One forward at uniform ``p`` and one ``autograd.grad`` with respect to the copies; no graph over
-    ``p`` and nothing accumulated in any ``.grad``.
-    """
-    with fixed_mixing(model, "uniform"):
-        loss = F.cross_entropy(model(inputs), targets)
-    (grad_copies,) = torch.autograd.grad(loss, holder.copies)
-    # At uniform p every copy's gradient is dL/dw / e; their sum is dL/dw of the virtual weight.
-    grad_virtual = grad_copies.sum(dim=0)
-    return holder.copies.detach() * grad_virtual, loss.detach()
+    """``dL/dp`` at the uniform mixing, shaped like the copies ``(e, N)``, and that loss."""
+    grad_w, loss = virtual_gradient(model, holder, inputs, targets)
+    return holder.copies.detach() * grad_w, loss
 
 
 def adversarial_mixing(
@@ -162,25 +216,133 @@ def adversarial_mixing(
     """
     if grad_scale not in GRAD_SCALES:
         raise ValueError(f"grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
-    expansion = grad_p.shape[0]
     # Only the part of the gradient that changes p within the simplex matters (the projection drops
     # the rest), so that part is what "l2" normalises.
     direction = grad_p - grad_p.mean(dim=0, keepdim=True)
+    step: torch.Tensor | float = eps
     if grad_scale == "l2":
-        norm = direction.square().sum().sqrt()
         # A zero gradient stays zero (0 / tiny); no branch on the value, so no device sync.
-        direction = direction / norm.clamp_min(torch.finfo(direction.dtype).tiny)
-    p = project_to_simplex(1.0 / expansion + eps * direction, dim=0)
-    u = normalized_kl_to_uniform(p, dim=0)
-    if random_p is not None:
-        p = u * p + (1 - u) * random_p
-    return p, u
+        step = eps / direction.square().sum().sqrt().clamp_min(torch.finfo(direction.dtype).tiny)
+    rows = None if random_p is None else list(random_p.unbind(0))
+    p, u = _mixing_rows(list(direction.unbind(0)), step, rows)
+    return torch.stack(p), u
+
+
+# ---- the fused path (the "compiled" sampler) ----------------------------------------------------
+
+
+def _centred_rows(copies: torch.Tensor, grad_w: torch.Tensor) -> Rows:
+    """The ascent direction before scaling, ``dL/dp_k - mean_j dL/dp_j = grad_w * (copies_k -
+    mean copies)``, one row per copy."""
+    rows = list(copies.unbind(0))
+    center = _total(rows) / len(rows)
+    return [grad_w * (row - center) for row in rows]
+
+
+def _squared_norm(copies: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
+    return _total(row.square().sum() for row in _centred_rows(copies, grad_w))
+
+
+def _fused_p(
+    copies: torch.Tensor, grad_w: torch.Tensor, step: torch.Tensor, key: torch.Tensor, diluted: bool
+) -> tuple[Rows, torch.Tensor]:
+    """The adversarial mixing's rows and ``u`` from the copies and ``dL/dw`` (B.2 when ``diluted``,
+    with the random mixing of stream ``key``)."""
+    direction = _centred_rows(copies, grad_w)
+    random_p = compiled.dirichlet_rows(key, copies.shape[1], copies.shape[0]) if diluted else None
+    return _mixing_rows(direction, step, random_p)
+
+
+def _fused_forward(
+    copies: torch.Tensor,
+    grad_w: torch.Tensor,
+    step: torch.Tensor,
+    key: torch.Tensor,
+    diluted: bool,
+) -> tuple[torch.Tensor, ...]:
+    """The virtual weights ``sum_k p_k copies_k`` of the adversarial mixing, the sum of ``u``, and
+    the rows of ``p`` (returned as separate tensors, all written by the same loop)."""
+    p, u = _fused_p(copies, grad_w, step, key, diluted)
+    w = p[0] * copies[0]
+    for k in range(1, len(p)):
+        w = w + p[k] * copies[k]
+    return (w, u.sum(), *p)
+
+
+class _FusedAdversarialMixing(torch.autograd.Function):
+    """``w = sum_k p_k copies_k`` for the adversarial ``p`` of (``grad_w``, ``step``, ``key``), by one
+    compiled kernel that also writes ``p`` for backward.
+
+    Keeping ``p`` rather than recomputing it in backward, unlike plain MK: the adversarial ``p``
+    costs three logarithms per weight element (the KL weight ``u``), and recomputing it took
+    7.3 ms against 1 ms for writing and reading it (mlp-a3, one thread).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        copies: torch.Tensor,
+        grad_w: torch.Tensor,
+        step: torch.Tensor,
+        key: torch.Tensor,
+        diluted: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = compiled.kernel(_fused_forward)
+        w, u_sum, *p = kernel(copies.detach(), grad_w, step, key, diluted)
+        ctx.save_for_backward(*p)
+        ctx.mark_non_differentiable(u_sum)
+        return w, u_sum
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: torch.Tensor, _grad_u: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+        p = ctx.saved_tensors
+        grad = grad_out.new_empty(len(p), grad_out.shape[0])
+        for k, p_k in enumerate(p):
+            torch.mul(p_k, grad_out, out=grad[k])
+        return grad, None, None, None, None
+
+
+def adversarial_weights(
+    holder: MajorityKernels,
+    grad_w: torch.Tensor,
+    eps: float,
+    *,
+    grad_scale: str = "l2",
+    draw: MixingDraw | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat virtual weights to train with (differentiable with respect to the copies), and the
+    mean ``u`` over elements.
+
+    ``grad_w`` is :func:`virtual_gradient`'s; ``draw`` the random mixing of B.2 (None for B.1).
+    With the ``"compiled"`` sampler this runs fused; otherwise it takes the reference path
+    (:func:`adversarial_mixing` on whole tensors, then ``holder.mix``).
+    """
+    copies = holder.copies
+    fused = (draw.sampler if draw is not None else holder.resolved_sampler()) == "compiled"
+    if not fused:
+        grad_p = copies.detach() * grad_w
+        random_p = draw.p() if draw is not None else None
+        p, u = adversarial_mixing(grad_p, eps, grad_scale=grad_scale, random_p=random_p)
+        return holder.mix(p), u.mean()
+    if grad_scale not in GRAD_SCALES:
+        raise ValueError(f"grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
+    detached = copies.detach()
+    step = torch.tensor(eps, dtype=detached.dtype)
+    if grad_scale == "l2":
+        norm = compiled.kernel(_squared_norm)(detached, grad_w).sqrt()
+        step = step / norm.clamp_min(torch.finfo(detached.dtype).tiny)
+    key = compiled.stream_key(draw.seed if draw is not None else 0)
+    w, u_sum = _FusedAdversarialMixing.apply(copies, grad_w, step, key, draw is not None)
+    return w, u_sum / holder.num_virtual
 
 
 class AdversarialMajorityKernels(MajorityKernelsStrategy):
     """Majority kernels with an adversarial mixing diluted by a random one (paper Algorithm B.2).
 
-    Options: ``eps`` (default 1), ``grad_scale`` (``l2`` or ``none``), ``init`` (as for ``mk``).
+    Options: ``eps`` (default 1), ``grad_scale`` (``l2`` or ``none``), ``init`` and ``sampler`` (as
+    for ``mk``).
     """
 
     description = (
@@ -199,7 +361,7 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         self._u_sum: torch.Tensor | None = None
         self._steps = 0
 
-    def fit(self, session: TrainingSession) -> TrainResult:
+    def _fit(self, session: TrainingSession) -> TrainResult:
         result = session.train(self)
         if self._u_sum is not None and self._steps:
             result.extra.setdefault("mean_u", self._u_sum.item() / self._steps)
@@ -216,25 +378,30 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         holder = find_majority(model)
         if holder is None:  # prepare() expands; a model that is not expanded is a wiring bug
             raise RuntimeError(f"{self.name}: the model is not expanded; was prepare() skipped?")
-        p, u = self.mixing(model, holder, inputs, targets)
-        self._record(u)
-        with fixed_mixing(model, p):
+        grad_w, _ = virtual_gradient(model, holder, inputs, targets)
+        # The random draw comes from the same generator and call as plain MK's, so with eps = 0
+        # this strategy takes exactly MK's steps.
+        draw = holder.draw() if self.random_mixing else None
+        if draw is not None:
+            holder.last_sampler = draw.sampler
+        weights, mean_u = adversarial_weights(
+            holder, grad_w, self.eps, grad_scale=self.grad_scale, draw=draw
+        )
+        self._record(mean_u)
+        with fixed_weights(model, weights):
             return F.cross_entropy(model(inputs), targets)
 
     def mixing(
         self, model: nn.Module, holder: MajorityKernels, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixing ``p`` (shape ``(e, N)``) this step trains with, and the per-element ``u``."""
+        """The mixing ``p`` (shape ``(e, N)``) a step on this batch trains with, and the per-element
+        ``u``, materialised by the reference path (``loss`` never materialises ``p`` when fused)."""
         grad_p, _ = mixing_gradient(model, holder, inputs, targets)
-        # The random draw comes from the same generator and call as plain MK's, so with eps = 0
-        # this strategy takes exactly MK's steps.
         random_p = holder.sample() if self.random_mixing else None
-        return adversarial_mixing(
-            grad_p, self.eps, grad_scale=self.grad_scale, random_p=random_p
-        )
+        return adversarial_mixing(grad_p, self.eps, grad_scale=self.grad_scale, random_p=random_p)
 
-    def _record(self, u: torch.Tensor) -> None:
-        mean = u.detach().mean()
+    def _record(self, mean_u: torch.Tensor) -> None:
+        mean = mean_u.detach()
         self._u_sum = mean if self._u_sum is None else self._u_sum + mean
         self._steps += 1
 

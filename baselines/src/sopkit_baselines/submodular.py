@@ -31,8 +31,8 @@ Two implementations, one result:
   for every candidate: slow and obviously right, for tests.
 * :func:`greedy_select` is the per-step path: ``normalize + matmul + topk`` for the graph (the
   ``n t`` edges of :func:`tnn_edges`, written into a dense, symmetric ``(n, n)`` matrix of edge
-  weights by :func:`tnn_adjacency`; the caller may pass the similarity matrix when it keeps one up
-  to date), then ``m`` picks, each one
+  weights by :func:`tnn_adjacency`; the caller may pass the similarity matrix and the rows' norms
+  when it keeps them up to date), then ``m`` picks, each one
   ``argmax`` of the current gains followed by a vectorised update of every gain by one row of that
   matrix. On the CPU the loop runs in NumPy on the same buffers (a NumPy call costs about a
   microsecond, a torch call several), elsewhere in torch without host synchronisation.
@@ -154,11 +154,13 @@ def greedy_select(
     alpha: float = 1.0,
     beta: float = 1.0,
     similarity: torch.Tensor | None = None,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``m`` rows the greedy algorithm picks for ``f``, as int64 indices in the order picked.
 
     ``similarity``: :func:`cosine_similarities` of ``rows`` when the caller keeps it up to date
-    itself (its diagonal is set to -inf, nothing else changes).
+    itself (its diagonal is set to -inf, nothing else changes); ``norms``: ``rows.norm(dim=1)``,
+    likewise.
     """
     rows = rows.detach()
     n = rows.shape[0]
@@ -166,7 +168,7 @@ def greedy_select(
         raise ValueError(f"cannot choose {m} of {n} rows")
     adjacency = tnn_adjacency(rows, neighbours, similarity=similarity)
     c = adjacency.sum(dim=1).max()
-    gains = alpha * (rows.norm(dim=1) + c)
+    gains = alpha * ((rows.norm(dim=1) if norms is None else norms) + c)
     penalties = adjacency if beta == 1 else beta * adjacency  # (1 * x == x: skip a pass over n^2)
     if rows.device.type == "cpu":
         return torch.from_numpy(_greedy_numpy(gains.numpy(), penalties.numpy(), m))

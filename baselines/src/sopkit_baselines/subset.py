@@ -41,11 +41,20 @@ Decisions, and why:
 
 Options: ``t`` (neighbours in the similarity graph, default 10), ``alpha`` and ``beta`` (the weights
 of utility and redundancy in ``f``, default 1 and 1; ``f`` is monotone when ``alpha >= beta``).
-Cost per step and layer: the ``(e*m) x (e*m)`` similarity matrix (``2 (e*m)^2 d`` flops) dominates;
-for the first layer it is kept between steps and only the ``m`` rows the last step trained are
-recomputed (``2 m (e*m) d`` flops; bit for bit the full matrix). Then a top-``t`` per row and the
-greedy's ``m`` vectorised updates. The training step itself costs what the baseline's does, plus
-gathering and scattering the sub-network.
+Cost per step. The selection's similarity matrices dominate: ``2 (e*m)^2 d`` flops for a hidden
+layer, except the first, whose matrix (and whose rows' norms) are kept between steps: only the
+``m`` rows and columns of the neurons the last step trained are recomputed (``2 m (e*m) d`` flops;
+the full matrix's values up to the matmul's rounding: bit for bit at the shapes tested, though
+MKL rounds a product of three or fewer rows differently). Then a top-``t`` per row, the graph, and the greedy's ``m``
+vectorised updates. The training step itself costs what the baseline's does, plus gathering the
+sub-network and its optimizer state and scattering them back (row copies through NumPy on the CPU,
+see ``_copy_rows``). With ``sopkit bench --threads 1`` (mlp-a3 on 3072 inputs, batch 256,
+``e = 3``, Adam) a step costs about 3.6 baseline steps of 17.5 ms: the first layer's
+``400 x 1200 x 3072`` matmul takes 32 ms (MKL at its single-thread peak), the rest of that
+layer's update 1 ms, the other layers' similarities 3.5 ms, the three top-``t`` 5.5 ms, graphs and
+greedy 2.5 ms, gathering and scattering 3.5 ms. The matmuls alone are two baseline steps, and the
+way to fewer flops in them, computing each pair of recomputed rows once by splitting the matmul
+into blocks, makes MKL round some entries differently (in float64 at least), so it is not taken.
 """
 
 from __future__ import annotations
@@ -110,13 +119,80 @@ def _draw_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 
 @dataclass
+class _Entries:
+    """The entries of a wide parameter (or of an optimizer state tensor shaped like it) that the
+    step's sub-network uses, and the copies between the wide tensor and the gathered block."""
+
+    rows: torch.Tensor | None  # these rows (None: all) ...
+    columns: torch.Tensor | None  # ... of these columns (None: all; weights only)
+    # With both: the entries' positions in the flattened wide tensor, for the copy back. One flat
+    # copy (through NumPy on the CPU) takes half the time of index_put_ with broadcast row and
+    # column indices. (Gathering, a flat index_select is no faster than rows, then columns.)
+    positions: torch.Tensor | None
+
+    @classmethod
+    def of(cls, rows: torch.Tensor | None, columns: torch.Tensor | None, width: int) -> _Entries:
+        positions = None
+        if rows is not None and columns is not None:
+            positions = (rows[:, None] * width + columns[None, :]).reshape(-1)
+        return cls(rows, columns, positions)
+
+    def gather(self, wide: torch.Tensor) -> torch.Tensor:
+        """``wide[rows][:, columns]``, a new tensor."""
+        if self.rows is not None:
+            wide = wide.index_select(0, self.rows)
+        if self.columns is not None:
+            wide = wide.index_select(1, self.columns)
+        return wide
+
+    def scatter(self, wide: torch.Tensor, block: torch.Tensor) -> None:
+        """``wide[rows][:, columns] = block``, in place."""
+        if self.positions is not None and wide.is_contiguous():
+            _copy_rows(wide.view(-1), self.positions, block.reshape(-1))
+        elif self.rows is not None and self.columns is not None:
+            wide.index_put_((self.rows[:, None], self.columns[None, :]), block)
+        elif self.rows is not None:
+            _copy_rows(wide, self.rows, block)
+        elif self.columns is not None:
+            wide.index_copy_(1, self.columns, block)
+        else:
+            wide.copy_(block)
+
+
+#: Dtypes NumPy has (bfloat16 is not among them).
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _copy_rows(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> None:
+    """``target[index] = source`` (along dim 0, in place; ``index`` without repeats).
+
+    On the CPU through NumPy, whose fancy assignment copies rows four to five times faster than
+    ``index_copy_`` (400 rows of 3072 floats: 0.1 ms against 0.4 to 0.5 ms); elsewhere torch's.
+    """
+    if target.device.type == "cpu" and target.dtype in _NUMPY_DTYPES:
+        target.detach().numpy()[index.numpy()] = source.detach().numpy()
+    else:
+        target.index_copy_(0, index, source)
+
+
+def _normalise_rows_(rows: torch.Tensor) -> torch.Tensor:
+    """Divide every row of ``rows`` by its norm in place, and return the norms.
+
+    Bit for bit ``F.normalize(rows, dim=1)`` (the same norm, clamped at the same eps, the same
+    division) without its new tensor; the norms are those ``rows.norm(dim=1)`` gives.
+    """
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    rows.div_(norms.clamp_min(1e-12))
+    return norms.squeeze(1)
+
+
+@dataclass
 class _Swapped:
     """One parameter while a step trains only its sub-network's entries (see ``enter_step``)."""
 
     parameter: torch.Tensor  # an nn.Parameter (typed as the Tensor nn.Linear declares)
     full: torch.Tensor  # the wide tensor, put back in ``leave_step``
-    rows: torch.Tensor | None  # the entries in use: these rows (None: all) ...
-    columns: torch.Tensor | None  # ... of these columns (None: all; weights only)
+    entries: _Entries  # the entries in use
     state: dict[str, torch.Tensor]  # the wide optimizer state tensors the step started with
 
 
@@ -126,6 +202,7 @@ class _Similarities:
 
     key: tuple[int, int]  # (data_ptr, _version) of the weight they were computed for
     unit: torch.Tensor  # the unit rows
+    norms: torch.Tensor  # the rows' norms (the greedy's utilities)
     matrix: torch.Tensor  # their similarities (diagonal -inf)
     stale: torch.Tensor | None  # rows that changed since (written by ``leave_step``)
 
@@ -219,24 +296,29 @@ class SubsetMLP(nn.Module):
         chosen: list[torch.Tensor] = []
         columns: torch.Tensor | None = None
         for layer, m in zip(self.linears, self.widths, strict=False):
+            similarity: torch.Tensor | None = None
+            norms: torch.Tensor | None = None
             if columns is None:
-                rows, similarity = layer.weight, self._first_similarities()
+                rows = layer.weight
+                similarity, norms = self._first_similarities()
             else:
-                rows, similarity = layer.weight.index_select(1, columns), None
+                rows = layer.weight.index_select(1, columns)
             picked = greedy_select(rows, m, neighbours=neighbours, alpha=alpha, beta=beta,
-                                   similarity=similarity)
+                                   similarity=similarity, norms=norms)
             columns = picked.to(rows.device).sort().values
             chosen.append(columns)
         return chosen
 
-    def _first_similarities(self) -> torch.Tensor:
-        """The cosine similarities of the first layer's rows, kept between steps.
+    def _first_similarities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cosine similarities of the first layer's rows, and their norms, kept between steps.
 
         The first layer's rows are whole rows (no column restriction), and a step changes only the
         chosen ones (``leave_step`` writes just those back), so only their rows and columns of the
         matrix are recomputed: ``m`` of ``e * m`` rows, a third of the matmul for ``e = 3``. A
         recomputed entry is the same dot product of the same unit rows as in a full recomputation,
-        so the matrix is bit for bit the one a fresh :func:`cosine_similarities` gives (tested).
+        so the matrix equals the one a fresh :func:`cosine_similarities` gives, bit for bit as long
+        as the matmul rounds a block of rows as it rounds the whole (tested at the test's shapes;
+        MKL's float32 path for three or fewer rows rounds differently, by an ulp).
         Any other change of the weight (a new tensor, an in-place write through the parameter, so
         ``load_state_dict`` too) changes its ``(data_ptr, _version)`` and recomputes everything.
         """
@@ -244,19 +326,21 @@ class SubsetMLP(nn.Module):
         key = (weight.data_ptr(), self.linears[0].weight._version)
         cache = self._similarities
         if cache is None or cache.key != key or cache.matrix.shape[0] != weight.shape[0]:
-            unit = F.normalize(weight, dim=1)
-            self._similarities = _Similarities(key, unit, unit @ unit.T, None)
-            return self._similarities.matrix
+            unit = weight.clone()
+            norms = _normalise_rows_(unit)
+            self._similarities = _Similarities(key, unit, norms, unit @ unit.T, None)
+            return self._similarities.matrix, norms
         if cache.stale is not None:
             rows, n = cache.stale, weight.shape[0]
-            fresh = F.normalize(weight.index_select(0, rows), dim=1)
-            cache.unit.index_copy_(0, rows, fresh)
+            fresh = weight.index_select(0, rows)
+            _copy_rows(cache.norms, rows, _normalise_rows_(fresh))
+            _copy_rows(cache.unit, rows, fresh)
             block = fresh @ cache.unit.T
-            cache.matrix.index_copy_(0, rows, block)
+            _copy_rows(cache.matrix, rows, block)
             cache.matrix.index_copy_(1, rows, block.T)
             cache.matrix.view(-1).index_fill_(0, rows * (n + 1), -torch.inf)
             cache.stale = None
-        return cache.matrix
+        return cache.matrix, cache.norms
 
     def select(self, **options: float) -> None:
         """Choose the neurons the next steps use (see :meth:`choose` for the options)."""
@@ -318,20 +402,21 @@ class SubsetMLP(nn.Module):
             if rows is None and columns is None:
                 continue  # the output layer's bias: wholly in the sub-network
             full = parameter.data
+            entries = _Entries.of(rows, columns, full.shape[-1])
             state = optimizer.state.get(parameter, {}) if optimizer is not None else {}
             shaped = _shaped_like(state, full, copy=False)
-            self._swapped.append(_Swapped(parameter, full, rows, columns, shaped))
-            parameter.data = _gather(full, rows, columns)
+            self._swapped.append(_Swapped(parameter, full, entries, shaped))
+            parameter.data = entries.gather(full)
             for name, value in shaped.items():
-                state[name] = _gather(value, rows, columns)
+                state[name] = entries.gather(value)
 
     @torch.no_grad()
     def leave_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Write the step's sub-network entries (and optimizer state) back into the wide tensors."""
         for swapped in self._swapped:
-            parameter, rows, columns = swapped.parameter, swapped.rows, swapped.columns
+            parameter, entries = swapped.parameter, swapped.entries
             block = parameter.data
-            _scatter(swapped.full, rows, columns, block)
+            entries.scatter(swapped.full, block)
             parameter.data = swapped.full
             parameter.grad = None  # of the sub-network's shape; the step has used it
             state = optimizer.state.get(parameter) if optimizer is not None else None
@@ -344,7 +429,7 @@ class SubsetMLP(nn.Module):
                 if wide is None:
                     # State the optimizer created in this step did not exist before: it was zero.
                     wide = value.new_zeros(swapped.full.shape)
-                _scatter(wide, rows, columns, value)
+                entries.scatter(wide, value)
                 state[name] = wide
         self._swapped = []
         first = self.linears[0].weight
@@ -396,31 +481,6 @@ def _shaped_like(
         for key, value in state.items()
         if isinstance(value, torch.Tensor) and value.shape == parameter.shape
     }
-
-
-def _gather(
-    tensor: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None
-) -> torch.Tensor:
-    if rows is not None:
-        tensor = tensor.index_select(0, rows)
-    if columns is not None:
-        tensor = tensor.index_select(1, columns)
-    return tensor
-
-
-def _scatter(
-    full: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None,
-    block: torch.Tensor,
-) -> None:
-    """``full[rows][:, columns] = block``, in place."""
-    if rows is not None and columns is not None:
-        full.index_put_((rows[:, None], columns[None, :]), block)
-    elif rows is not None:
-        full.index_copy_(0, rows, block)
-    elif columns is not None:
-        full.index_copy_(1, columns, block)
-    else:
-        full.copy_(block)
 
 
 def _copy_module(module: nn.Module) -> nn.Module:
