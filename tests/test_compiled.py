@@ -48,29 +48,32 @@ def test_splitmix64_known_answer():
     assert [value & MASK64 for value in bits.tolist()] == expected
 
 
+def _draw(key: torch.Tensor, numel: int, expansion: int) -> torch.Tensor:
+    """The mixing of ``key`` as the compiled sampler draws it."""
+    p = torch.empty(expansion, numel)
+    compiled.kernel(compiled.mixing_p_into)(key, *p)
+    return p
+
+
 @pytest.mark.parametrize("numel", [1, 15, 16, 17, 1000, 4099])
 def test_compiled_kernels_compute_exactly_the_uncompiled_functions(numel):
     generator = torch.Generator().manual_seed(numel)
     copies = torch.randn(3, numel, generator=generator)
     grad_w = torch.randn(numel, generator=generator)
     key = compiled.stream_key(2**62 + numel)
-    assert torch.equal(
-        compiled.kernel(compiled.mix_forward)(copies, key), compiled.mix_forward(copies, key)
-    )
-    assert torch.equal(
-        compiled.kernel(compiled.mix_backward)(grad_w, key, 3),
-        compiled.mix_backward(grad_w, key, 3),
-    )
-    assert torch.equal(
-        compiled.kernel(compiled.mixing_p)(key, numel, 3),
-        compiled.mixing_p(key, numel, 3),
-    )
+    w = torch.empty(numel)
+    compiled.kernel(compiled.mix_forward_into)(w, copies, key)
+    assert torch.equal(w, compiled.mix_forward(copies, key))
+    grad = torch.empty(3, numel)
+    compiled.kernel(compiled.mix_backward_into)(grad_w, key, *grad)
+    assert torch.equal(grad, compiled.mix_backward(grad_w, key, 3))
+    assert torch.equal(_draw(key, numel, 3), compiled.mixing_p(key, numel, 3))
 
 
 @pytest.mark.parametrize("expansion", [2, 3, 5])
 def test_p_is_dirichlet_ones(expansion):
     e, n = expansion, 300_000
-    p = compiled.kernel(compiled.mixing_p)(compiled.stream_key(99), n, e)
+    p = _draw(compiled.stream_key(99), n, e)
     assert p.shape == (e, n) and (p >= 0).all()
     assert torch.equal(p.sum(0), torch.ones(n))  # spacings on the 2**-24 grid sum exactly to 1
     grid = p * 2**24
@@ -92,9 +95,8 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_neighbouring_elements_and_consecutive_seeds_are_uncorrelated():
     n = 400_000
-    draw = compiled.kernel(compiled.mixing_p)
-    p = draw(compiled.stream_key(5), n, 3)
-    following_seed = draw(compiled.stream_key(6), n, 3)
+    p = _draw(compiled.stream_key(5), n, 3)
+    following_seed = _draw(compiled.stream_key(6), n, 3)
     bound = 5 / math.sqrt(n)  # five standard errors of a correlation of independent samples
     assert abs(_correlation(p[0, 1:], p[0, :-1])) < bound
     assert abs(_correlation(p[0, 16:], p[0, :-16])) < bound
@@ -106,7 +108,6 @@ def test_neighbouring_elements_and_consecutive_seeds_are_uncorrelated():
 
 def test_each_step_needs_only_its_seed():
     """Backward regenerates p from the seed: a later draw with other seeds must not change it."""
-    draw = compiled.kernel(compiled.mixing_p)
-    first = draw(compiled.stream_key(123), 5000, 3)
-    draw(compiled.stream_key(124), 5000, 3)
-    assert torch.equal(first, draw(compiled.stream_key(123), 5000, 3))
+    first = _draw(compiled.stream_key(123), 5000, 3)
+    _draw(compiled.stream_key(124), 5000, 3)
+    assert torch.equal(first, _draw(compiled.stream_key(123), 5000, 3))

@@ -387,12 +387,14 @@ def test_cuda_default_keeps_nothing_shaped_like_the_copies():
     assert holder.copies.shape not in saved_shapes(model, "cuda")
 
 
+@pytest.mark.parametrize("sampler", ["compiled", "sfc64"])
 @pytest.mark.parametrize("backward", ["save", "regenerate"])
-def test_two_forwards_then_two_backwards_accumulate_the_right_gradients(backward):
+def test_two_forwards_then_two_backwards_accumulate_the_right_gradients(backward, sampler):
     """Gradient accumulation keeps two graphs alive at once: reused buffers must not be shared."""
+    skip_unless_sampler_works(sampler)
     model = small_model(3)
     holder = find_majority(model)
-    holder.backward = backward
+    holder.backward, holder.sampler = backward, sampler
     model.train()
     torch.manual_seed(9)
     first, second = loss_of(model), loss_of(model) * 0.5
@@ -407,9 +409,12 @@ def test_two_forwards_then_two_backwards_accumulate_the_right_gradients(backward
     torch.testing.assert_close(accumulated, expected, rtol=0, atol=0)
 
 
-def test_weights_handed_to_torch_are_never_overwritten_while_held():
+@pytest.mark.parametrize("sampler", ["compiled", "sfc64"])
+def test_weights_handed_to_torch_are_never_overwritten_while_held(sampler):
+    skip_unless_sampler_works(sampler)
     model = small_model(3)
     holder = find_majority(model)
+    holder.sampler = sampler
     model.train()
     kept = [holder.mix_sampled(holder.draw()).detach() for _ in range(6)]
     snapshots = [w.clone() for w in kept]

@@ -74,7 +74,13 @@ import torch.nn.functional as F
 
 from sopkit import compiled
 from sopkit.errors import UserError
-from sopkit.majority import MajorityKernels, MixingDraw, find_majority, fixed_weights
+from sopkit.majority import (
+    MajorityKernels,
+    MixingDraw,
+    find_majority,
+    fixed_weights,
+    pooled_buffer,
+)
 from sopkit.strategies.majority import MajorityKernelsStrategy
 
 if TYPE_CHECKING:
@@ -253,20 +259,25 @@ def _fused_p(
     return _mixing_rows(direction, step, random_p)
 
 
-def _fused_forward(
+def _fused_forward_into(
+    w: torch.Tensor,
+    p_rows: tuple[torch.Tensor, ...],
     copies: torch.Tensor,
     grad_w: torch.Tensor,
     step: torch.Tensor,
     key: torch.Tensor,
     diluted: bool,
-) -> tuple[torch.Tensor, ...]:
-    """The virtual weights ``sum_k p_k copies_k`` of the adversarial mixing, the sum of ``u``, and
-    the rows of ``p`` (returned as separate tensors, all written by the same loop)."""
+) -> torch.Tensor:
+    """Write the virtual weights ``sum_k p_k copies_k`` of the adversarial mixing into ``w`` and its
+    rows into ``p_rows`` (one loop for all of them), and return the sum of ``u``."""
     p, u = _fused_p(copies, grad_w, step, key, diluted)
-    w = p[0] * copies[0]
+    mixed = p[0] * copies[0]
     for k in range(1, len(p)):
-        w = w + p[k] * copies[k]
-    return (w, u.sum(), *p)
+        mixed = mixed + p[k] * copies[k]
+    w.copy_(mixed)
+    for row, p_k in zip(p_rows, p, strict=True):
+        row.copy_(p_k)
+    return u.sum()
 
 
 class _FusedAdversarialMixing(torch.autograd.Function):
@@ -274,8 +285,8 @@ class _FusedAdversarialMixing(torch.autograd.Function):
     compiled kernel that also writes ``p`` for backward.
 
     Keeping ``p`` rather than recomputing it in backward, unlike plain MK: the adversarial ``p``
-    costs three logarithms per weight element (the KL weight ``u``), and recomputing it took
-    7.3 ms against 1 ms for writing and reading it (mlp-a3, one thread).
+    costs three logarithms per weight element (the KL weight ``u``), more than writing and reading
+    it. Outputs go to pooled buffers (``pooled_buffer``): fresh ones page-fault in every step.
     """
 
     @staticmethod
@@ -287,9 +298,11 @@ class _FusedAdversarialMixing(torch.autograd.Function):
         key: torch.Tensor,
         diluted: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        kernel = compiled.kernel(_fused_forward)
-        w, u_sum, *p = kernel(copies.detach(), grad_w, step, key, diluted)
-        ctx.save_for_backward(*p)
+        expansion, numel = copies.shape
+        w, p = pooled_buffer((numel,)), pooled_buffer((expansion, numel))
+        kernel = compiled.kernel(_fused_forward_into)
+        u_sum = kernel(w, tuple(p), copies.detach(), grad_w, step, key, diluted)
+        ctx.save_for_backward(p)
         ctx.mark_non_differentiable(u_sum)
         return w, u_sum
 
@@ -297,10 +310,10 @@ class _FusedAdversarialMixing(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: torch.Tensor, _grad_u: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, None, None]:
-        p = ctx.saved_tensors
-        grad = grad_out.new_empty(len(p), grad_out.shape[0])
-        for k, p_k in enumerate(p):
-            torch.mul(p_k, grad_out, out=grad[k])
+        (p,) = ctx.saved_tensors
+        grad = pooled_buffer(tuple(p.shape))
+        for k in range(p.shape[0]):
+            torch.mul(p[k], grad_out, out=grad[k])
         return grad, None, None, None, None
 
 
