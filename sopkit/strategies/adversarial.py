@@ -56,9 +56,10 @@ Two choices the paper leaves open, and what this module does:
 Cost: two forward and two backward passes per step (the paper's "calculating the gradient twice").
 A model with batch normalisation updates its running statistics in both forward passes. Everything
 between the two passes is element-wise over the ``e x N`` copies; with the ``"compiled"`` sampler
-(:mod:`sopkit.compiled`) it runs as two compiled kernels: a reduction for the L2 norm, then ascent,
-projection, KL weight, random draw and mixing in one pass that writes ``w`` and ``p``. Measured on mlp-a3 (BENCHMARKS.md), the unfused version spent four times the two passes
-in that element-wise work. Other samplers take the reference path: the functions below applied to
+(:mod:`sopkit.compiled`) it runs as three compiled kernels: a reduction for the L2 norm, the ascent
+and projection, then the KL weight, random draw, dilution and mixing, writing ``w`` and ``p``.
+Unfused, this element-wise work took most of the step (8.4 times a baseline step on mlp-a3 against
+2.8 now; BENCHMARKS.md). Other samplers take the reference path: the functions below applied to
 whole ``(e, N)`` tensors, which the tests compare the fused kernels with.
 """
 
@@ -141,16 +142,25 @@ def _kl_rows(p: Rows) -> torch.Tensor:
     return (1 - entropy / math.log(len(p))).clamp(0.0, 1.0)
 
 
-def _mixing_rows(
-    direction: Rows, step: torch.Tensor | float, random_p: Rows | None
-) -> tuple[Rows, torch.Tensor]:
-    """Steps 2-4 on rows: ``p = project(1/e + step * direction)``, ``u``, and B.2's dilution."""
+def _ascend_rows(direction: Rows, step: torch.Tensor | float) -> Rows:
+    """Step 2 on rows: ``p = project(1/e + step * direction)``."""
     expansion = len(direction)
-    p = _project_rows([1.0 / expansion + step * row for row in direction])
+    return _project_rows([1.0 / expansion + step * row for row in direction])
+
+
+def _weigh_rows(p: Rows, random_p: Rows | None) -> tuple[Rows, torch.Tensor]:
+    """Steps 3-4 on rows: ``u`` of the adversarial ``p``, and B.2's dilution with ``random_p``."""
     u = _kl_rows(p)
     if random_p is not None:
         p = [u * adv + (1 - u) * rnd for adv, rnd in zip(p, random_p, strict=True)]
     return p, u
+
+
+def _mixing_rows(
+    direction: Rows, step: torch.Tensor | float, random_p: Rows | None
+) -> tuple[Rows, torch.Tensor]:
+    """Steps 2-4 on rows: ``p = project(1/e + step * direction)``, ``u``, and B.2's dilution."""
+    return _weigh_rows(_ascend_rows(direction, step), random_p)
 
 
 def project_to_simplex(v: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -249,40 +259,45 @@ def _squared_norm(copies: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
     return _total(row.square().sum() for row in _centred_rows(copies, grad_w))
 
 
-def _fused_p(
-    copies: torch.Tensor, grad_w: torch.Tensor, step: torch.Tensor, key: torch.Tensor, diluted: bool
-) -> tuple[Rows, torch.Tensor]:
-    """The adversarial mixing's rows and ``u`` from the copies and ``dL/dw`` (B.2 when ``diluted``,
-    with the random mixing of stream ``key``)."""
-    direction = _centred_rows(copies, grad_w)
-    random_p = compiled.dirichlet_rows(key, copies.shape[1], copies.shape[0]) if diluted else None
-    return _mixing_rows(direction, step, random_p)
+# The fused path is two compiled kernels, not one: compiled as one loop, ascent, projection, KL
+# weight, draw and mixing ran slower (7.4 ms for mlp-a3 at one thread) than the same work split
+# after the projection (2.1 ms + 3.2 ms), although the split writes and reads p once more.
 
 
-def _fused_forward_into(
+def _ascend_into(
+    p_rows: tuple[torch.Tensor, ...], copies: torch.Tensor, grad_w: torch.Tensor, step: torch.Tensor
+) -> None:
+    """Step 2: write the adversarial ``p = project(1/e + step * direction)`` into ``p_rows``."""
+    p = _ascend_rows(_centred_rows(copies, grad_w), step)
+    for row, p_k in zip(p_rows, p, strict=True):
+        row.copy_(p_k)
+
+
+def _weigh_and_mix_into(
     w: torch.Tensor,
     p_rows: tuple[torch.Tensor, ...],
     copies: torch.Tensor,
-    grad_w: torch.Tensor,
-    step: torch.Tensor,
     key: torch.Tensor,
     diluted: bool,
 ) -> torch.Tensor:
-    """Write the virtual weights ``sum_k p_k copies_k`` of the adversarial mixing into ``w`` and its
-    rows into ``p_rows`` (one loop for all of them), and return the sum of ``u``."""
-    p, u = _fused_p(copies, grad_w, step, key, diluted)
+    """Steps 3-4 on the adversarial ``p`` in ``p_rows`` (B.2, when ``diluted``, with the random
+    mixing of stream ``key``, in place), the mixing ``w = sum_k p_k copies_k`` into ``w``, and the
+    sum of ``u``."""
+    random_p = compiled.dirichlet_rows(key, copies.shape[1], copies.shape[0]) if diluted else None
+    p, u = _weigh_rows(list(p_rows), random_p)
     mixed = p[0] * copies[0]
     for k in range(1, len(p)):
         mixed = mixed + p[k] * copies[k]
     w.copy_(mixed)
-    for row, p_k in zip(p_rows, p, strict=True):
-        row.copy_(p_k)
+    if diluted:
+        for row, p_k in zip(p_rows, p, strict=True):
+            row.copy_(p_k)
     return u.sum()
 
 
 class _FusedAdversarialMixing(torch.autograd.Function):
-    """``w = sum_k p_k copies_k`` for the adversarial ``p`` of (``grad_w``, ``step``, ``key``), by one
-    compiled kernel that also writes ``p`` for backward.
+    """``w = sum_k p_k copies_k`` for the adversarial ``p`` of (``grad_w``, ``step``, ``key``), by the
+    compiled kernels, which also write ``p`` for backward.
 
     Keeping ``p`` rather than recomputing it in backward, unlike plain MK: the adversarial ``p``
     costs three logarithms per weight element (the KL weight ``u``), more than writing and reading
@@ -300,8 +315,9 @@ class _FusedAdversarialMixing(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         expansion, numel = copies.shape
         w, p = pooled_buffer((numel,)), pooled_buffer((expansion, numel))
-        kernel = compiled.kernel(_fused_forward_into)
-        u_sum = kernel(w, tuple(p), copies.detach(), grad_w, step, key, diluted)
+        copies = copies.detach()
+        compiled.kernel(_ascend_into)(tuple(p), copies, grad_w, step)
+        u_sum = compiled.kernel(_weigh_and_mix_into)(w, tuple(p), copies, key, diluted)
         ctx.save_for_backward(p)
         ctx.mark_non_differentiable(u_sum)
         return w, u_sum
