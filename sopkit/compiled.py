@@ -34,11 +34,13 @@ worked, so that a machine without a compiler falls back to the ``"sfc64"`` sampl
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -181,6 +183,18 @@ def kernel(function: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(function, dynamic=True, fullgraph=True)
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence one logger's warnings for the duration of the block."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def _compiler_found() -> bool:
     candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
     return any(name and shutil.which(name) for name in candidates)
@@ -201,6 +215,10 @@ def available(expansion: int) -> bool:
 
         if not torch._dynamo.is_dynamo_supported():
             return False
+        # Compiling imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on a
+        # CPU machine with a CUDA toolkit directory: true, and irrelevant to a CPU kernel.
+        with _quiet("torch.utils.cpp_extension"):
+            import torch.utils.cpp_extension  # noqa: F401
         copies = torch.linspace(-1.0, 1.0, expansion * 257).reshape(expansion, 257)
         key = stream_key(12345)
         compiled = torch.empty(copies.shape[1])

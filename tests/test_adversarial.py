@@ -5,6 +5,7 @@ the step, ``u`` is a weight in [0, 1], the gradient with respect to ``p`` is the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 from sopkit import compiled
 from sopkit.data import DataSplits, TensorSplit
 from sopkit.errors import UserError
-from sopkit.majority import expand, find_majority, fixed_mixing, sample_dirichlet
+from sopkit.majority import expand, find_majority, fixed_mixing, fixed_weights, sample_dirichlet
 from sopkit.models import mlp
 from sopkit.strategies.adversarial import (
     AdversarialMajorityKernels,
@@ -284,6 +285,34 @@ def test_the_fused_path_computes_the_reference_mixing_and_gradient(diluted, grad
     torch.testing.assert_close(fused_w, (p * copies.detach()).sum(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_u, u.mean(), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(fused_grad, p * grad_out, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiled
+def test_the_fused_path_supports_double_backward() -> None:
+    """create_graph=True (a gradient penalty) through the fused mixing matches the reference."""
+    results = []
+    for sampler in ("compiled", "sfc64"):
+        model = _expanded_model()
+        holder = find_majority(model)
+        assert holder is not None
+        holder.sampler = sampler
+        x, y = _batch()
+        torch.manual_seed(11)
+        grad_w, _ = virtual_gradient(model, holder, x, y)
+        draw = holder.draw()
+        if sampler == "sfc64":  # the reference path, with the compiled sampler's random draw
+            draw = dataclasses.replace(draw, sampler="compiled")
+            p, _ = adversarial_mixing(holder.copies.detach() * grad_w, 2.0, random_p=draw.p())
+            weights = holder.mix(p)
+        else:
+            weights, _ = adversarial_weights(holder, grad_w, 2.0, draw=draw)
+        with fixed_weights(model, weights):
+            loss = F.cross_entropy(model(x), y)
+        (grad,) = torch.autograd.grad(loss, holder.copies, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum(), holder.copies)
+        results.append((grad.detach(), second))
+    for fused, reference in zip(*results, strict=True):
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-7)
 
 
 @needs_compiled

@@ -259,7 +259,7 @@ def _squared_norm(copies: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
     return _total(row.square().sum() for row in _centred_rows(copies, grad_w))
 
 
-# The fused path is two compiled kernels, not one: compiled as one loop, ascent, projection, KL
+# The fused mixing is two compiled kernels, not one: compiled as one loop, ascent, projection, KL
 # weight, draw and mixing ran slower (7.4 ms for mlp-a3 at one thread) than the same work split
 # after the projection (2.1 ms + 3.2 ms), although the split writes and reads p once more.
 
@@ -327,6 +327,8 @@ class _FusedAdversarialMixing(torch.autograd.Function):
         ctx: Any, grad_out: torch.Tensor, _grad_u: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, None, None]:
         (p,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward (create_graph=True): a differentiable product
+            return p * grad_out, None, None, None, None
         grad = pooled_buffer(tuple(p.shape))
         for k in range(p.shape[0]):
             torch.mul(p[k], grad_out, out=grad[k])
