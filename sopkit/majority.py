@@ -450,11 +450,10 @@ class MixingDraw:
         if self.sampler == "triton":
             return _triton_mixing().forward(copies, self), self.p() if keep_p else None
         copies = copies.detach()
+        w = self._new_w(copies)
         if self.sampler == "compiled":
-            w = self._new_w(copies)
             compiled.kernel(compiled.mix_forward_into)(w, copies, compiled.stream_key(self.seed))
             return w, self.p() if keep_p else None
-        w = self._new_w(copies)
         if keep_p:
             p = self.p()
             return _mix(p, copies, out=w), p
@@ -467,13 +466,12 @@ class MixingDraw:
         """The copies' gradient ``p_k * grad_w`` with ``p`` regenerated from the seed."""
         if self.sampler == "triton":
             return _triton_mixing().backward(grad_w, self)
+        grad = self._scratch(grad_w, self.numel)
         if self.sampler == "compiled":
-            grad = self._scratch(grad_w, self.numel)
             compiled.kernel(compiled.mix_backward_into)(
                 grad_w, compiled.stream_key(self.seed), *grad
             )
             return grad
-        grad = self._scratch(grad_w, self.numel)
         for start, stop in self._chunks():
             p = self._chunk_p(start, self._scratch(grad_w, stop - start))
             torch.mul(p, grad_w[start:stop], out=grad[:, start:stop])

@@ -359,6 +359,8 @@ def test_a_run_reports_its_mean_u_and_sampler() -> None:
     result = AdversarialMajorityKernels(_settings(sampler="torch")).fit(session)
     assert 0 < result.extra["mean_u"] < 1
     assert result.extra["mk_sampler"] == "torch"
+    only = AdversarialOnlyMajorityKernels(_settings("adv-mk-only", sampler="torch")).fit(session)
+    assert only.extra["mk_sampler"] == "torch"  # B.1 draws no random mixing, and still records
 
 
 @pytest.mark.gpu

@@ -350,6 +350,8 @@ def adversarial_weights(
     With the ``"compiled"`` sampler this runs fused; otherwise it takes the reference path
     (:func:`adversarial_mixing` on whole tensors, then ``holder.mix``).
     """
+    if grad_scale not in GRAD_SCALES:
+        raise ValueError(f"grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
     copies = holder.copies
     fused = (draw.sampler if draw is not None else holder.resolved_sampler()) == "compiled"
     if not fused:
@@ -357,8 +359,6 @@ def adversarial_weights(
         random_p = draw.p() if draw is not None else None
         p, u = adversarial_mixing(grad_p, eps, grad_scale=grad_scale, random_p=random_p)
         return holder.mix(p), u.mean()
-    if grad_scale not in GRAD_SCALES:
-        raise ValueError(f"grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
     detached = copies.detach()
     step = torch.tensor(eps, dtype=detached.dtype)
     if grad_scale == "l2":
@@ -413,8 +413,8 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         # The random draw comes from the same generator and call as plain MK's, so with eps = 0
         # this strategy takes exactly MK's steps.
         draw = holder.draw() if self.random_mixing else None
-        if draw is not None:
-            holder.last_sampler = draw.sampler
+        # What the result records; B.1 draws nothing but its path still depends on the sampler.
+        holder.last_sampler = holder.resolved_sampler()
         weights, mean_u = adversarial_weights(
             holder, grad_w, self.eps, grad_scale=self.grad_scale, draw=draw
         )
