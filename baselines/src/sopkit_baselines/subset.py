@@ -44,17 +44,19 @@ of utility and redundancy in ``f``, default 1 and 1; ``f`` is monotone when ``al
 Cost per step. The selection's similarity matrices dominate: ``2 (e*m)^2 d`` flops for a hidden
 layer, except the first, whose matrix (and whose rows' norms) are kept between steps: only the
 ``m`` rows and columns of the neurons the last step trained are recomputed (``2 m (e*m) d`` flops;
-the full matrix's values up to the matmul's rounding: bit for bit at the shapes tested, though
-MKL rounds a product of three or fewer rows differently). Then a top-``t`` per row, the graph, and the greedy's ``m``
+the same values as a full recomputation, bit for bit in float32 on the CPU, see
+:meth:`SubsetMLP._first_similarities`). The matmuls go through
+:func:`~sopkit_baselines.submodular.inner_products` (oneDNN on the CPU, twice as fast as torch's
+float32 matmul on AMD processors). Then a top-``t`` per row, the graph, and the greedy's ``m``
 vectorised updates. The training step itself costs what the baseline's does, plus gathering the
 sub-network and its optimizer state and scattering them back (row copies through NumPy on the CPU,
 see ``_copy_rows``). With ``sopkit bench --threads 1`` (mlp-a3 on 3072 inputs, batch 256,
-``e = 3``, Adam) a step costs about 3.6 baseline steps of 17.5 ms: the first layer's
-``400 x 1200 x 3072`` matmul takes 32 ms (MKL at its single-thread peak), the rest of that
-layer's update 1 ms, the other layers' similarities 3.5 ms, the three top-``t`` 5.5 ms, graphs and
-greedy 2.5 ms, gathering and scattering 3.5 ms. The matmuls alone are two baseline steps, and the
-way to fewer flops in them, computing each pair of recomputed rows once by splitting the matmul
-into blocks, makes MKL round some entries differently (in float64 at least), so it is not taken.
+``e = 3``, Adam) a step costs about 2.7 baseline steps of 18.7 ms (thread CPU time per step): the
+first layer's similarity update 17 ms (its ``400 x 1200 x 3072`` matmul 14.5 ms; 31 ms through
+MKL), the other layers' similarities 2.2 ms, the three top-``t`` 5.5 ms, graphs and greedy 2.3 ms,
+gathering and scattering 3.8 ms. Computing each pair of recomputed rows once by splitting the
+matmul into blocks would save a sixth of its flops but round some entries differently from the
+full matrix, so it is not done.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from torch import nn
 
 from sopkit.errors import UserError
 from sopkit.strategy import Strategy, StrategySettings
-from sopkit_baselines.submodular import DEFAULT_NEIGHBOURS, greedy_select
+from sopkit_baselines.submodular import DEFAULT_NEIGHBOURS, greedy_select, inner_products
 
 if TYPE_CHECKING:
     from sopkit.train import RunContext
@@ -316,9 +318,11 @@ class SubsetMLP(nn.Module):
         chosen ones (``leave_step`` writes just those back), so only their rows and columns of the
         matrix are recomputed: ``m`` of ``e * m`` rows, a third of the matmul for ``e = 3``. A
         recomputed entry is the same dot product of the same unit rows as in a full recomputation,
-        so the matrix equals the one a fresh :func:`cosine_similarities` gives, bit for bit as long
-        as the matmul rounds a block of rows as it rounds the whole (tested at the test's shapes;
-        MKL's float32 path for three or fewer rows rounds differently, by an ulp).
+        so the matrix equals the one a fresh :func:`cosine_similarities` gives, bit for bit when
+        the matmul rounds a block of rows as it rounds the whole: so does oneDNN's, which
+        :func:`inner_products` uses for float32 on the CPU (tested with 1 to 300 of 900 rows of 64
+        and 3072 entries). MKL's, which float64 takes, rounds blocks of some sizes differently, by
+        an ulp; the kept matrix then matches a fresh one to rounding.
         Any other change of the weight (a new tensor, an in-place write through the parameter, so
         ``load_state_dict`` too) changes its ``(data_ptr, _version)`` and recomputes everything.
         """
@@ -328,14 +332,14 @@ class SubsetMLP(nn.Module):
         if cache is None or cache.key != key or cache.matrix.shape[0] != weight.shape[0]:
             unit = weight.clone()
             norms = _normalise_rows_(unit)
-            self._similarities = _Similarities(key, unit, norms, unit @ unit.T, None)
+            self._similarities = _Similarities(key, unit, norms, inner_products(unit, unit), None)
             return self._similarities.matrix, norms
         if cache.stale is not None:
             rows, n = cache.stale, weight.shape[0]
             fresh = weight.index_select(0, rows)
             _copy_rows(cache.norms, rows, _normalise_rows_(fresh))
             _copy_rows(cache.unit, rows, fresh)
-            block = fresh @ cache.unit.T
+            block = inner_products(fresh, cache.unit)
             _copy_rows(cache.matrix, rows, block)
             cache.matrix.index_copy_(1, rows, block.T)
             cache.matrix.view(-1).index_fill_(0, rows * (n + 1), -torch.inf)
