@@ -83,10 +83,13 @@ PLAIN_DEFAULTS = "plain loop, torch.optim defaults"
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
-    """``"3072"`` -> ``(3072,)``; ``"3,32,32"`` (or ``3x32x32``) -> ``(3, 32, 32)``."""
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    """``"3072"`` -> ``(3072,)``; ``"3,32,32"`` (or ``3x32x32``) -> ``(3, 32, 32)``.
+
+    Every part must be a positive integer: an empty one (``"3,,32"``, ``"3,x"``) is a typo, not a
+    dimension to drop.
+    """
     try:
-        shape = tuple(int(p) for p in parts)
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape):
@@ -473,7 +476,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     """Set up every strategy, warm up, time interleaved rounds, and return the report."""
     from sopkit.models import build_model
     from sopkit.provenance import provenance
-    from sopkit.registry import create_strategy, discover
+    from sopkit.registry import check_options, create_strategy, discover
     from sopkit.strategy import StrategySettings
 
     say = log or (lambda message: None)
@@ -511,6 +514,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             if name in requested or name == BASELINE:
                 raise
             results[name] = EntryResult(name, measured=False, note=f"not timed: {error}")
+    check_options(settings, [name for name in requested if name in strategies])
 
     data, batches = _synthetic_data(config, device)
     probe = _ProbeSession(data, build, train_config, device=device, seed=config.seed)

@@ -331,16 +331,15 @@ def _load_data(dataset: str, data_dir: str | None, download: bool, device: str) 
 
 
 def check_plan(plan: ComparePlan) -> None:
-    """Fail in a second on a typo (strategy, data set, model, device), not an hour in."""
+    """Fail in a second on a typo (strategy, option, data set, model, device), not an hour in."""
     from sopkit.models import build_model
-    from sopkit.registry import create_strategy
+    from sopkit.registry import check_options
     from sopkit.strategy import StrategySettings
     from sopkit.train import select_device
 
     select_device(plan.device)
-    settings = StrategySettings(expansion=plan.expansion, options=dict(plan.options))
-    for name in plan.strategies:
-        create_strategy(name, settings)
+    check_options(StrategySettings(expansion=plan.expansion, options=dict(plan.options)),
+                  plan.strategies)
     data = _load_data(plan.dataset, plan.data_dir, plan.download, plan.device)
     for model in plan.models:
         build_model(model, input_shape=data.input_shape, num_classes=data.num_classes)

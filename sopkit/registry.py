@@ -8,7 +8,9 @@ see only sopkit's own strategies (to rule out a broken plugin).
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING
@@ -97,6 +99,65 @@ def _builtin_order(names: list[str]) -> list[str]:
 
 def available_strategies() -> list[str]:
     return list(discover())
+
+
+def check_options(settings: StrategySettings, selected: Iterable[str]) -> None:
+    """A UserError for a strategy option that no strategy reads, rather than ignoring a typo.
+
+    A scoped option (``mk.init``) must name a registered strategy that reads that key; a bare one
+    (``eps``) must be read by some registered strategy. Strategies read their options when they are
+    constructed, so every strategy concerned is constructed once here and the keys it asks for are
+    recorded (``StrategySettings.asked``). The errors of the ``selected`` strategies, and of those
+    a scoped option names, are raised. Other strategies are constructed only to learn their keys,
+    and their errors are ignored: a bare ``alpha=2`` meant for one strategy may be out of range for
+    another. (Then the bare keys are not checked: that strategy may not have asked for all of its.)
+    """
+    selected = list(dict.fromkeys(selected))
+    for name in selected:
+        create_strategy(name, settings)
+    options = settings.options
+    if not options:
+        return
+    entries = discover()
+    scoped = {key.split(".", 1)[0] for key in options if "." in key}
+    for name in sorted(scoped - set(entries)):
+        keys = ", ".join(sorted(key for key in options if key.startswith(name + ".")))
+        raise UserError(f"Option {keys}: {unknown_name('strategy', name, entries)}")
+    for name in sorted(scoped.difference(selected)):
+        create_strategy(name, settings)  # an option addressed to it must be valid for it
+    # Whether every strategy was constructed: one that stopped at a bad value may not have asked
+    # for all of its keys, and then a bare key nobody asked for may still be one of them.
+    complete = True
+    if any("." not in key for key in options):
+        for name in entries:
+            if name in selected or name in scoped:
+                continue
+            try:
+                create_strategy(name, settings)
+            except UserError:  # it is only asked which keys it reads
+                complete = False
+    asked = settings.asked
+    for key in options:
+        if "." in key:
+            name, option = key.split(".", 1)
+            known = sorted(k for n, k in asked if n == name)
+            if option not in known:
+                raise UserError(
+                    f"Option {key}: the {name} strategy has no option {option!r}."
+                    f"{_suggestion(option, known)} Its options: {', '.join(known) or 'none'}."
+                )
+        elif complete and not any(k == key for _, k in asked):
+            known = sorted({k for _, k in asked})
+            raise UserError(
+                f"Option {key}: no strategy has an option {key!r}.{_suggestion(key, known)} "
+                f"Options strategies read: {', '.join(known) or 'none'}; scope one to a strategy "
+                "as STRATEGY.KEY (e.g. mk.init)."
+            )
+
+
+def _suggestion(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def create_strategy(name: str, settings: StrategySettings) -> Strategy:

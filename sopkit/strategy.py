@@ -57,15 +57,21 @@ class StrategySettings:
 
     Options come from ``sopkit compare --set KEY=VALUE``. ``--set mk.init=replicate`` applies to the
     ``mk`` strategy only; a bare ``--set eps=0.1`` applies to every strategy that reads ``eps``.
+    A strategy reads its options in ``__init__``: :func:`sopkit.registry.check_options` constructs
+    the strategies concerned to learn which keys each reads, so that a misspelt option fails before
+    training instead of being ignored.
     """
 
     expansion: int = 3
     options: Mapping[str, str] = field(default_factory=dict)
     strategy_name: str = ""
+    #: ``(strategy name, key)`` of every option asked for, by every strategy these settings (and
+    #: their ``for_strategy`` copies) were read by.
+    asked: set[tuple[str, str]] = field(default_factory=set, compare=False, repr=False)
 
     def for_strategy(self, name: str) -> StrategySettings:
         """The same settings, read on behalf of the strategy called ``name``."""
-        return StrategySettings(self.expansion, self.options, name)
+        return StrategySettings(self.expansion, self.options, name, self.asked)
 
     def get(
         self,
@@ -79,6 +85,7 @@ class StrategySettings:
 
         A value that does not parse, or is not one of ``choices``, is the user's mistake: UserError.
         """
+        self.asked.add((self.strategy_name, key))
         scoped = f"{self.strategy_name}.{key}" if self.strategy_name else key
         raw = self.options.get(scoped, self.options.get(key))
         if raw is None:

@@ -112,7 +112,8 @@ def test_input_shapes_parse():
     assert parse_input_shape("3072") == (3072,)
     assert parse_input_shape("3,32,32") == (3, 32, 32)
     assert parse_input_shape("3x32x32") == (3, 32, 32)
-    for bad in ("", "0", "3,-1", "a"):
+    assert parse_input_shape(" 3, 32 ,32 ") == (3, 32, 32)
+    for bad in ("", "0", "3,-1", "a", "3,x", "3,,32", "3,32,", "x32"):
         with pytest.raises(UserError):
             parse_input_shape(bad)
 

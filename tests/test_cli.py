@@ -112,6 +112,10 @@ def test_datasets_and_models_are_listed():
         (["--model", "no_such_module:make"], "no_such_module"),
         (["--set", "mk.init=orthogonal"], "Valid values: independent"),
         (["--set", "novalue"], "KEY=VALUE"),
+        (["--set", "mk.sampeler=sfc64"], "Did you mean 'sampler'?"),
+        (["--set", "mkk.init=replicate"], "Valid strategies"),
+        (["--set", "smoothing=0.1"], "no strategy has an option 'smoothing'"),
+        (["--strategies", "baseline", "--set", "adv-mk.eps=-1"], "adv-mk.eps must be"),
         (["--optimizer", "rmsprop"], "Valid optimizers"),
     ],
 )

@@ -148,3 +148,16 @@ def test_the_student_follows_the_teacher(make_session) -> None:  # type: ignore[
     student = Distillation(settings("distill", alpha="1", temperature="1")).fit(session)
     assert ensemble.test_accuracy > 0.6
     assert student.test_accuracy > 0.6
+
+
+def test_a_bare_alpha_for_subset_is_not_refused_because_distill_would_reject_it() -> None:
+    # Both read "alpha"; distill allows [0, 1], subset any alpha >= 0. With only subset selected,
+    # distill is asked which keys it reads, and its objection to the value is not the user's.
+    from sopkit.registry import check_options
+    from sopkit.strategy import StrategySettings
+
+    check_options(StrategySettings(3, {"alpha": "2"}), ["subset"])
+    with pytest.raises(UserError, match="distill.alpha must be in"):
+        check_options(StrategySettings(3, {"alpha": "2"}), ["subset", "distill"])
+    with pytest.raises(UserError, match="Did you mean 'temperature'"):
+        check_options(StrategySettings(3, {"distill.temprature": "2"}), ["subset"])
