@@ -141,10 +141,10 @@ def test_the_cuda_path_picks_the_same_rows_as_the_cpu_path() -> None:
 
 
 def _old_tnn_adjacency(rows: torch.Tensor, neighbours: int) -> torch.Tensor:
-    """The dense construction this module used before (symmetrise the whole matrix, topk, max)."""
+    """The dense construction this module used before (symmetrise the whole matrix, topk, max), on
+    the same similarities (the matmul is not what this compares)."""
     n = rows.shape[0]
-    unit = torch.nn.functional.normalize(rows, dim=1)
-    similarity = unit @ unit.T
+    similarity = cosine_similarities(rows)
     similarity = 0.5 * (similarity + similarity.T)
     similarity.fill_diagonal_(-torch.inf)
     values, index = similarity.topk(min(neighbours, n - 1), dim=1)
@@ -167,9 +167,11 @@ def test_the_edge_wise_graph_is_bit_for_bit_the_old_dense_one(
 def test_similarities_of_some_rows_are_bit_for_bit_those_of_the_whole_matrix(
     d: int, changed: int
 ) -> None:
-    # What SubsetMLP's cache of the first layer's similarities relies on (float32 on the CPU):
-    # recomputing the rows (and, by symmetry, the columns) that changed gives exactly a full
-    # recomputation. One row alone would take oneDNN's matrix-vector code, which rounds otherwise.
+    # What lets SubsetMLP update its kept first-layer similarities instead of recomputing them
+    # (float32 on the CPU; it checks this itself, and recomputes where it fails): recomputing the
+    # rows (and, by symmetry, the columns) that changed gives exactly a full recomputation. True of
+    # oneDNN's AVX2 and AVX-512 code; one row alone would take its matrix-vector code, which
+    # rounds otherwise, so inner_products computes it as two.
     rows = _rows(900, d, 7).float()
     full = cosine_similarities(rows)
     assert torch.equal(full, full.T)

@@ -242,6 +242,47 @@ def test_the_kept_first_layer_similarities_are_those_of_the_current_weights(inpu
     assert torch.equal(kept.matrix, fresh)
 
 
+@pytest.mark.parametrize("rounds_blocks_differently", [False, True])
+def test_a_matmul_that_rounds_row_blocks_differently_is_caught_and_the_matrix_recomputed(
+    rounds_blocks_differently: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a CPU where the matmul rounds a block of rows differently from the whole matrix (MKL's
+    # float64; oneDNN without AVX2), updating only the changed rows would make the kept matrix,
+    # and so the selection, depend on the cache's history. A stand-in for such a matmul: one ulp
+    # off whenever it multiplies fewer rows than the whole.
+    from sopkit_baselines import subset
+
+    exact = subset.inner_products
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        product = exact(a, b)
+        if rounds_blocks_differently and a.shape[0] < b.shape[0]:
+            product = torch.nextafter(product, torch.full_like(product, torch.inf))
+        return product
+
+    monkeypatch.setattr(subset, "inner_products", matmul)
+    torch.manual_seed(5)
+    strategy = SubsetSelection(settings("subset"))
+    run = _run(TrainConfig(optimizer="adam", lr=0.05))
+    model = strategy.prepare(tiny_model(), run)
+    assert isinstance(model, SubsetMLP)
+    run.optimizer = make_optimizer(model, run.config)
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        strategy.before_step(model, run)
+        kept = model._similarities
+        assert kept is not None
+        fresh = exact(kept.unit, kept.unit).fill_diagonal_(-torch.inf)
+        assert torch.equal(kept.matrix, fresh)
+        x = torch.randn(32, 12, generator=generator)
+        loss = strategy.loss(model, x, torch.randint(0, 4, (32,), generator=generator), run)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        strategy.after_step(model, run)
+    assert kept.exact_update == {16: not rounds_blocks_differently}  # m = 16 rows change a step
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("d", [1, 12, 37, 784])
 def test_rows_normalised_in_place_are_bit_for_bit_f_normalize(dtype: torch.dtype, d: int) -> None:

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -207,6 +207,9 @@ class _Similarities:
     norms: torch.Tensor  # the rows' norms (the greedy's utilities)
     matrix: torch.Tensor  # their similarities (diagonal -inf)
     stale: torch.Tensor | None  # rows that changed since (written by ``leave_step``)
+    # By number of changed rows: whether updating only their rows and columns was checked to give
+    # the full recomputation's matrix bit for bit (True), or not (False: recompute all).
+    exact_update: dict[int, bool] = field(default_factory=dict)
 
 
 class SubsetMLP(nn.Module):
@@ -319,10 +322,14 @@ class SubsetMLP(nn.Module):
         matrix are recomputed: ``m`` of ``e * m`` rows, a third of the matmul for ``e = 3``. A
         recomputed entry is the same dot product of the same unit rows as in a full recomputation,
         so the matrix equals the one a fresh :func:`cosine_similarities` gives, bit for bit when
-        the matmul rounds a block of rows as it rounds the whole: so does oneDNN's, which
-        :func:`inner_products` uses for float32 on the CPU (tested with 1 to 300 of 900 rows of 64
-        and 3072 entries). MKL's, which float64 takes, rounds blocks of some sizes differently, by
-        an ulp; the kept matrix then matches a fresh one to rounding.
+        the matmul rounds a block of rows as it rounds the whole. oneDNN's, which
+        :func:`inner_products` uses for float32 on the CPU, does (tested with 1 to 300 of 900 rows
+        of 64 and 3072 entries, with oneDNN's AVX2 and AVX-512 code); MKL's, which float64 takes,
+        rounds blocks of some sizes differently, by an ulp, and so does oneDNN's code for CPUs
+        without AVX2. The selection must not depend on that (a run resumed without this cache must
+        choose what the uninterrupted run chose), so the first update with a given number of rows
+        is checked against a full recomputation; where they differ, the matrix is recomputed whole
+        from then on.
         Any other change of the weight (a new tensor, an in-place write through the parameter, so
         ``load_state_dict`` too) changes its ``(data_ptr, _version)`` and recomputes everything.
         """
@@ -339,10 +346,17 @@ class SubsetMLP(nn.Module):
             fresh = weight.index_select(0, rows)
             _copy_rows(cache.norms, rows, _normalise_rows_(fresh))
             _copy_rows(cache.unit, rows, fresh)
-            block = inner_products(fresh, cache.unit)
-            _copy_rows(cache.matrix, rows, block)
-            cache.matrix.index_copy_(1, rows, block.T)
-            cache.matrix.view(-1).index_fill_(0, rows * (n + 1), -torch.inf)
+            exact = cache.exact_update.get(len(rows))
+            if exact is not False:
+                block = inner_products(fresh, cache.unit)
+                _copy_rows(cache.matrix, rows, block)
+                cache.matrix.index_copy_(1, rows, block.T)
+                cache.matrix.view(-1).index_fill_(0, rows * (n + 1), -torch.inf)
+            if exact is not True:  # not checked yet for this many rows, or inexact
+                whole = inner_products(cache.unit, cache.unit).fill_diagonal_(-torch.inf)
+                if exact is None:
+                    cache.exact_update[len(rows)] = torch.equal(whole, cache.matrix)
+                cache.matrix = whole
             cache.stale = None
         return cache.matrix, cache.norms
 
