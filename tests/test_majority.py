@@ -388,6 +388,27 @@ def test_eval_weights_follow_optimizer_steps():
         torch.testing.assert_close(after, collapse(model)(x))
 
 
+@pytest.mark.parametrize("expansion", [2, 3, 5])
+def test_mean_weights_in_a_pooled_buffer_are_the_mean_weights_detached(expansion):
+    torch.manual_seed(0)
+    holder = find_majority(expand(nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 4)), expansion))
+    mean = holder.mean_weights()
+    torch.testing.assert_close(mean, holder.copies.mean(dim=0), rtol=1e-6, atol=0)
+    if expansion == 3:  # the same additions in the same order as torch's mean
+        assert torch.equal(mean, holder.copies.mean(dim=0))
+    assert mean.requires_grad  # the plain mean stays differentiable (eval with grad enabled)
+    mean.sum().backward()
+    assert torch.equal(holder.copies.grad, torch.full_like(holder.copies, 1 / expansion))
+    first = holder.mean_weights(pooled=True)
+    assert torch.equal(first, mean) and not first.requires_grad
+    address = first.data_ptr()
+    del first
+    again = holder.mean_weights(pooled=True)  # the buffer is reused once nothing holds it
+    assert again.data_ptr() == address and torch.equal(again, mean)
+    held = holder.mean_weights(pooled=True)  # ... and never while something does
+    assert held.data_ptr() != again.data_ptr() and torch.equal(held, again)
+
+
 def test_expand_leaves_the_original_untouched_unless_inplace():
     model = nn.Linear(3, 2)
     state = {k: v.clone() for k, v in model.state_dict().items()}

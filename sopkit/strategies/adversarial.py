@@ -194,7 +194,7 @@ def virtual_gradient(
     ``p``, no ``(e, N)`` gradient, and nothing accumulated in any ``.grad``. Then
     ``dL/dp_k = copies_k * dL/dw`` element-wise.
     """
-    weights = holder.mean_weights().detach().requires_grad_()
+    weights = holder.mean_weights(pooled=True).detach().requires_grad_()
     with fixed_weights(model, weights):
         loss = F.cross_entropy(model(inputs), targets)
     (grad_w,) = torch.autograd.grad(loss, weights)
