@@ -464,7 +464,10 @@ def _time_rounds(
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({torch.get_num_threads()} threads)"
+    from sopkit.provenance import cpu_model
+
+    threads = torch.get_num_threads()
+    return f"{device} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {threads} threads)"
 
 
 # ------------------------------------------------------------------------------------------------

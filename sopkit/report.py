@@ -244,7 +244,8 @@ class ReportMeta:
     preset: str | None = None
     command: str = ""  # the command line that produced the results, as the user typed it
     created: str = field(default_factory=_now)  # when the report was written (ISO 8601)
-    # versions, git_revision, python, platform, torch_threads, cuda_device (sopkit.provenance)
+    # versions, git_revision, python, platform, cpu, cpu_capability, torch_threads, cuda_device
+    # (sopkit.provenance)
     provenance: dict[str, Any] = field(default_factory=dict)
     complete: bool = True  # False: some planned trials have not finished; numbers may still change
     grid_note: str = ""  # e.g. "reduced grid: 5 rates 0.001*1.5^i for i in [-2..2], 3 seeds, ..."
@@ -806,6 +807,8 @@ def _provenance_items(meta: ReportMeta) -> list[tuple[str, str]]:
     for key, label in (
         ("python", "Python"),
         ("platform", "Platform"),
+        ("cpu", "CPU"),
+        ("cpu_capability", "torch CPU capability"),
         ("torch_threads", "torch threads"),
         ("cuda_device", "CUDA device"),
     ):

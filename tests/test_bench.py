@@ -47,7 +47,10 @@ def test_bench_writes_bench_json_with_finite_positive_ratios(tmp_path):
     )
     assert record["config"]["model"] == "mlp-a1" and record["config"]["input_shape"] == [12]
     assert record["threads"] == 1
-    assert {"versions", "git_revision", "torch_threads"} <= set(record["provenance"])
+    assert {"versions", "git_revision", "torch_threads", "cpu", "cpu_capability"} <= set(
+        record["provenance"]
+    )
+    assert record["provenance"]["cpu"] and record["provenance"]["cpu_capability"]
     assert list(record["strategies"]) == ["baseline", "mk"]  # the baseline is always measured
     for entry in [*record["strategies"].values(), *record["loop"].values()]:
         assert entry["measured"]
