@@ -59,7 +59,7 @@ between the two passes is element-wise over the ``e x N`` copies; with the ``"co
 (:mod:`sopkit.compiled`) it runs as three compiled kernels: a reduction for the L2 norm, the ascent
 and projection, then the KL weight, random draw, dilution and mixing, writing ``w`` and ``p``.
 Unfused, this element-wise work took most of the step (8.4 times a baseline step on mlp-a3 against
-2.8 now; BENCHMARKS.md). Other samplers take the reference path: the functions below applied to
+2.6-2.8 now; BENCHMARKS.md). Other samplers take the reference path: the functions below applied to
 whole ``(e, N)`` tensors, which the tests compare the fused kernels with.
 """
 
