@@ -1,4 +1,4 @@
-"""CI sessions, run on the uv backend: `uv run nox -s tests` (or lint, typecheck)."""
+"""CI sessions, run on the uv backend: `uv run nox -s tests` (or lint, typecheck, report, bench)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,16 @@ def report(session: nox.Session) -> None:
         preset = args[len(args) - 1 - args[::-1].index("--preset") + 1]
     name = preset.rsplit("/", 1)[-1].removesuffix(".toml")
     session.run("sopkit", "compare", "--preset", preset, *args, "--out", f"reports/{name}")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """BENCHMARKS.md's main measurement: `sopkit bench` into runs/bench/ (bench.json, bench.md).
+
+    Machine-specific, so not committed (runs/ is ignored): CI keeps it as an artifact. Options after
+    `--` go to sopkit bench and win, e.g. `nox -s bench -- --threads 1 --out runs/bench-1t`.
+    """
+    _sync(session)
+    session.run(
+        "sopkit", "bench", "--repeats", "15", "--steps", "10", "--out", "runs/bench", *session.posargs
+    )

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -467,7 +468,8 @@ def _describe(device: torch.device) -> str:
     from sopkit.provenance import cpu_model
 
     threads = torch.get_num_threads()
-    return f"{device} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {threads} threads)"
+    count = f"{threads} thread{'s' if threads != 1 else ''}"
+    return f"{device} ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {count})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -627,26 +629,28 @@ def _ratio_text(entry: EntryResult) -> str:
     return f"{entry.ratio:.2f}x [{low:.2f}-{high:.2f}]"
 
 
-def print_report(console: Console, report: BenchReport) -> None:
-    """The step-time ratio table, the loop-overhead table and the notes."""
-    from rich.table import Table
+@dataclass
+class _Table:
+    """One table of the report, for the terminal (rich) and for bench.md alike."""
 
+    title: str
+    columns: list[tuple[str, bool]]  # (header, right-aligned)
+    rows: list[list[str]]
+
+
+def _tables(report: BenchReport) -> list[_Table]:
+    """The step-time ratio table and the loop-overhead table."""
     config = report.config
     cuda = report.entry(BASELINE).peak_bytes is not None
     title = (
         f"Step time vs baseline: {config.model} on {config.input_shape}, batch {config.batch_size},"
         f" e={config.expansion}, {report.device}{', bf16' if config.bf16 else ''}"
     )
-    table = Table(title=title)
-    table.add_column("strategy")
-    table.add_column("step ms", justify="right")
-    table.add_column("x baseline [IQR]", justify="right")
-    table.add_column("CPU ms", justify="right")
+    columns = [("strategy", False), ("step ms", True), ("x baseline [IQR]", True), ("CPU ms", True)]
     if cuda:
-        table.add_column("peak MiB", justify="right")
-    table.add_column("state MiB", justify="right")
-    table.add_column("saved MiB", justify="right")
-    table.add_column("note")
+        columns.append(("peak MiB", True))
+    columns += [("state MiB", True), ("saved MiB", True), ("note", False)]
+    rows = []
     for entry in report.strategies:
         row = [
             entry.name,
@@ -657,27 +661,112 @@ def print_report(console: Console, report: BenchReport) -> None:
         if cuda:
             row.append(_mib(entry.peak_bytes))
         row += [_mib(entry.state_bytes), _mib(entry.saved_bytes), entry.note]
-        table.add_row(*row)
-    console.print(table)
+        rows.append(row)
+    steps = _Table(title, columns, rows)
 
-    loop = Table(title="The loop itself: sopkit's baseline step vs a hand-written loop")
-    loop.add_column("loop")
-    loop.add_column("step ms", justify="right")
-    loop.add_column("x sopkit [IQR]", justify="right")
+    loop_rows = []
     sopkit_loop = report.loop[0]
     for entry in report.loop:
         ratios = [a / b for a, b in zip(entry.step_ms, sopkit_loop.step_ms, strict=True)]
         shown = EntryResult(entry.name, True, step_ms=entry.step_ms, ratios=ratios)
-        loop.add_row(entry.name, f"{entry.median_ms:.2f}", _ratio_text(shown))
-    console.print(loop)
+        loop_rows.append([entry.name, f"{entry.median_ms:.2f}", _ratio_text(shown)])
+    loop = _Table(
+        "The loop itself: sopkit's baseline step vs a hand-written loop",
+        [("loop", False), ("step ms", True), ("x sopkit [IQR]", True)],
+        loop_rows,
+    )
+    return [steps, loop]
+
+
+def print_report(console: Console, report: BenchReport) -> None:
+    """The step-time ratio table, the loop-overhead table and the notes."""
+    from rich.table import Table
+
+    for table in _tables(report):
+        shown = Table(title=table.title)
+        for header, right in table.columns:
+            shown.add_column(header, justify="right" if right else "left")
+        for row in table.rows:
+            shown.add_row(*row)
+        console.print(shown)
     for note in report.notes:
         console.print(f"- {note}", highlight=False)
 
 
-def write_report(report: BenchReport, out_dir: str | Path) -> Path:
-    """Write ``bench.json`` (configuration, provenance, every ratio) into ``out_dir``."""
+def command_line(config: BenchConfig) -> str:
+    """The ``sopkit bench`` command that measures ``config`` again."""
+    defaults = BenchConfig()
+    words = ["sopkit", "bench"]
+    flags: list[tuple[str, object]] = [
+        ("--model", config.model),
+        ("--input-shape", ",".join(map(str, config.input_shape))),
+        ("--num-classes", config.num_classes),
+        ("--batch-size", config.batch_size),
+        ("--expansion", config.expansion),
+        ("--strategies", ",".join(config.strategies)),
+        ("--device", config.device),
+        ("--threads", config.threads),
+        ("--repeats", config.repeats),
+        ("--steps", config.steps),
+        ("--warmup", config.warmup),
+        ("--optimizer", config.optimizer),
+        ("--mk-sampler", config.mk_sampler),
+        ("--mk-backward", config.mk_backward),
+    ]
+    default_values = {
+        "--input-shape": ",".join(map(str, defaults.input_shape)),
+        "--strategies": "",
+    }
+    for flag, value in flags:
+        attribute = flag[2:].replace("-", "_")
+        default = default_values.get(flag, getattr(defaults, attribute, None))
+        if value is None or value == default:
+            continue
+        words += [flag, shlex.quote(str(value))]
+    if config.bf16:
+        words.append("--bf16")
+    for key, value in config.options.items():
+        words += ["--set", shlex.quote(f"{key}={value}")]
+    return " ".join(words)
+
+
+def render_markdown(report: BenchReport) -> str:
+    """bench.md: the tables and notes as Markdown, with the command and the machine behind them."""
+    lines = ["# sopkit bench", ""]
+    for table in _tables(report):
+        lines += [f"**{table.title}**", ""]
+        lines.append("| " + " | ".join(header for header, _ in table.columns) + " |")
+        lines.append(
+            "| " + " | ".join("---:" if right else "---" for _, right in table.columns) + " |"
+        )
+        for row in table.rows:
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+        lines.append("")
+    lines += [f"- {note}" for note in report.notes]
+    provenance = report.provenance
+    versions = provenance.get("versions") or {}
+    lines += [
+        "",
+        "## How this was measured",
+        "",
+        f"- Command: `{command_line(report.config)}`",
+        f"- Git revision: {provenance.get('git_revision') or 'unknown (not a git checkout)'}",
+        f"- Machine: {provenance.get('cpu')} ({provenance.get('cpu_capability')}), "
+        f"{provenance.get('platform')}; CUDA device: {provenance.get('cuda_device') or 'none'}",
+        f"- torch threads: {report.threads}; Python {provenance.get('python')}; "
+        + ", ".join(f"{name} {version}" for name, version in versions.items() if version),
+        f"- Measured: {provenance.get('created')}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: BenchReport, out_dir: str | Path) -> list[Path]:
+    """Write ``bench.json`` (configuration, provenance, every ratio) and ``bench.md`` (the tables,
+    the command and the machine) into ``out_dir``; returns their paths."""
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
-    target = path / "bench.json"
-    target.write_text(json.dumps(report.to_record(), indent=2, default=str) + "\n")
-    return target
+    record, markdown = path / "bench.json", path / "bench.md"
+    record.write_text(json.dumps(report.to_record(), indent=2, default=str) + "\n")
+    markdown.write_text(render_markdown(report))
+    return [record, markdown]

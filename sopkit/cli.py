@@ -311,7 +311,8 @@ def bench(
         str, typer.Option(help="What MK's backward keeps: auto, save (p), regenerate (a seed).")
     ] = "auto",
     out: Annotated[
-        str | None, typer.Option(help="Directory to write bench.json into [default: none].")
+        str | None,
+        typer.Option(help="Directory to write bench.json and bench.md into [default: none]."),
     ] = None,
 ) -> None:
     """Time each strategy's training step against the baseline's (synthetic data, one process)."""
@@ -344,7 +345,7 @@ def bench(
     report = run_bench(config, log=lambda message: error_console.print(message, style="dim"))
     print_report(console, report)
     if out is not None:
-        console.print(f"Results: {write_report(report, out)}")
+        console.print(f"Results: {', '.join(map(str, write_report(report, out)))}")
 
 
 def main() -> None:

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Iterator
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from sopkit.bench import _ProbeSession, _single_step_note, parse_input_shape
+from sopkit.bench import (
+    BenchConfig,
+    _ProbeSession,
+    _single_step_note,
+    command_line,
+    parse_input_shape,
+)
 from sopkit.cli import app
 from sopkit.errors import UserError
 from sopkit.strategies import Baseline, MajorityKernelsStrategy
@@ -63,6 +70,15 @@ def test_bench_writes_bench_json_with_finite_positive_ratios(tmp_path):
     assert mk["train_params"] > 2.5 * baseline["train_params"]
     assert mk["state_bytes"] > 2.5 * baseline["state_bytes"]
     assert math.isfinite(record["loop_ratio"]) and record["loop_ratio"] > 0
+
+    # bench.md: the same rows, and the command that measures them again.
+    markdown = (out / "bench.md").read_text()
+    for name, entry in record["strategies"].items():
+        low, high = entry["ratio_iqr"]
+        row = f"| {name} | {entry['median_step_ms']:.2f} | {entry['ratio']:.2f}x [{low:.2f}-{high:.2f}] |"
+        assert row in markdown
+    assert "sopkit bench --model mlp-a1 --input-shape 12 --batch-size 8 --strategies mk" in markdown
+    assert (record["provenance"]["git_revision"] or "not a git checkout") in markdown
 
 
 def test_bench_accepts_an_image_shaped_input():
@@ -159,3 +175,31 @@ def test_regenerating_mk_keeps_less_for_backward_than_saving(tmp_path):
         saved[mode] = record["strategies"]["mk"]["saved_bytes"]
     # What "save" keeps on top: p, e = 3 floats for each of mlp-a1's 12 x 100 + 100 x 10 weights.
     assert saved["save"] - saved["regenerate"] == 3 * (12 * 100 + 100 * 10) * 4
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        BenchConfig(),
+        BenchConfig(model="resnet18", input_shape=(3, 32, 32), num_classes=100, batch_size=64,
+                    expansion=4, strategies=("mk", "adv-mk"), device="cuda", threads=3, bf16=True,
+                    repeats=7, steps=4, warmup=2, optimizer="sgd",
+                    options={"mk.init": "replicate", "adv-mk.eps": "0.5", "x.y": "two words"},
+                    mk_sampler="torch", mk_backward="save"),
+    ],
+)
+def test_the_command_in_bench_md_asks_for_the_same_configuration(
+    config: BenchConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[BenchConfig] = []
+
+    def capture(asked: BenchConfig, log: object = None) -> None:
+        seen.append(asked)
+        raise UserError("captured")
+
+    monkeypatch.setattr("sopkit.bench.run_bench", capture)
+    words = shlex.split(command_line(config))
+    assert words[:2] == ["sopkit", "bench"]
+    result = runner.invoke(app, words[1:])
+    assert result.exit_code == 2 and "captured" in result.output, result.output
+    assert seen == [config]
