@@ -693,36 +693,34 @@ def print_report(console: Console, report: BenchReport) -> None:
         console.print(f"- {note}", highlight=False)
 
 
-def command_line(config: BenchConfig) -> str:
-    """The ``sopkit bench`` command that measures ``config`` again."""
-    defaults = BenchConfig()
-    words = ["sopkit", "bench"]
-    flags: list[tuple[str, object]] = [
+def _flag_values(config: BenchConfig) -> list[tuple[str, str | None]]:
+    """``sopkit bench``'s valued flags with ``config``'s values as typed (None: not given)."""
+    return [
         ("--model", config.model),
         ("--input-shape", ",".join(map(str, config.input_shape))),
-        ("--num-classes", config.num_classes),
-        ("--batch-size", config.batch_size),
-        ("--expansion", config.expansion),
-        ("--strategies", ",".join(config.strategies)),
+        ("--num-classes", str(config.num_classes)),
+        ("--batch-size", str(config.batch_size)),
+        ("--expansion", str(config.expansion)),
+        ("--strategies", ",".join(config.strategies) or None),
         ("--device", config.device),
-        ("--threads", config.threads),
-        ("--repeats", config.repeats),
-        ("--steps", config.steps),
-        ("--warmup", config.warmup),
+        ("--threads", None if config.threads is None else str(config.threads)),
+        ("--repeats", str(config.repeats)),
+        ("--steps", str(config.steps)),
+        ("--warmup", str(config.warmup)),
         ("--optimizer", config.optimizer),
         ("--mk-sampler", config.mk_sampler),
         ("--mk-backward", config.mk_backward),
     ]
-    default_values = {
-        "--input-shape": ",".join(map(str, defaults.input_shape)),
-        "--strategies": "",
-    }
-    for flag, value in flags:
-        attribute = flag[2:].replace("-", "_")
-        default = default_values.get(flag, getattr(defaults, attribute, None))
-        if value is None or value == default:
-            continue
-        words += [flag, shlex.quote(str(value))]
+
+
+def command_line(config: BenchConfig) -> str:
+    """The ``sopkit bench`` command that measures ``config`` again (flags at their default left
+    out)."""
+    words = ["sopkit", "bench"]
+    defaults = dict(_flag_values(BenchConfig()))
+    for flag, value in _flag_values(config):
+        if value is not None and value != defaults[flag]:
+            words += [flag, shlex.quote(value)]
     if config.bf16:
         words.append("--bf16")
     for key, value in config.options.items():
