@@ -203,6 +203,7 @@ class BenchReport:
     strategies: list[EntryResult]
     loop: list[EntryResult]  # sopkit's baseline step and the hand-written loops
     provenance: dict[str, Any]
+    rounds: int = 0  # timing rounds that finished (fewer than config.repeats when interrupted)
     notes: list[str] = field(default_factory=list)
 
     def entry(self, name: str) -> EntryResult:
@@ -232,6 +233,7 @@ class BenchReport:
             "strategies": {e.name: e.to_record() for e in self.strategies},
             "loop": {e.name: e.to_record() for e in self.loop},
             "loop_ratio": self.loop_ratio,
+            "rounds_timed": self.rounds,
             "provenance": self.provenance,
             "notes": self.notes,
         }
@@ -434,32 +436,57 @@ def _warm_up_and_measure_memory(
 
 
 def _time_rounds(
-    entries: list[_Entry], device: torch.device, batches: list[Batch], repeats: int, steps: int
-) -> None:
+    entries: list[_Entry],
+    device: torch.device,
+    batches: list[Batch],
+    repeats: int,
+    steps: int,
+    on_round: Callable[[int, int], None] | None = None,
+) -> int:
     """Interleaved rounds; each entry's round value is its median step time in that round (CPU) or
     its mean over the synchronised round (CUDA, where per-step host times mean nothing).
 
     The process CPU time per step is recorded too: on a CPU shared with other processes it is
     the steadier number (time spent waiting for a core is not in it), though threads that
-    spin-wait for work count in it."""
+    spin-wait for work count in it. ``on_round(done, repeats)`` is called as timing starts
+    (``done = 0``) and after every round.
+
+    Returns how many rounds were timed: an interrupt (Ctrl-C) after the first round keeps the
+    rounds that finished, for every entry alike, and drops the one in progress; before it, the
+    interrupt propagates (nothing was measured).
+    """
     cuda = device.type == "cuda"
-    for round_index in range(repeats):
-        shift = round_index % len(entries)
-        for entry in entries[shift:] + entries[:shift]:  # every entry gets every position
-            times: list[float] = []
-            _synchronize(device)
-            round_start, cpu_start = time.perf_counter(), time.process_time()
-            for i in range(steps):
-                started = time.perf_counter()
-                entry.step(*batches[i % len(batches)])
-                times.append(time.perf_counter() - started)
-            if cuda:
+    done = 0
+    if on_round is not None:
+        on_round(done, repeats)
+    try:
+        for round_index in range(repeats):
+            shift = round_index % len(entries)
+            for entry in entries[shift:] + entries[:shift]:  # every entry gets every position
+                times: list[float] = []
                 _synchronize(device)
-                value = (time.perf_counter() - round_start) / steps
-            else:
-                value = statistics.median(times)
-            entry.result.step_ms.append(value * 1e3)
-            entry.result.cpu_ms.append((time.process_time() - cpu_start) / steps * 1e3)
+                round_start, cpu_start = time.perf_counter(), time.process_time()
+                for i in range(steps):
+                    started = time.perf_counter()
+                    entry.step(*batches[i % len(batches)])
+                    times.append(time.perf_counter() - started)
+                if cuda:
+                    _synchronize(device)
+                    value = (time.perf_counter() - round_start) / steps
+                else:
+                    value = statistics.median(times)
+                entry.result.step_ms.append(value * 1e3)
+                entry.result.cpu_ms.append((time.process_time() - cpu_start) / steps * 1e3)
+            done += 1
+            if on_round is not None:
+                on_round(done, repeats)
+    except KeyboardInterrupt:
+        if done == 0:
+            raise
+        for entry in entries:  # the unfinished round was timed for some entries only
+            del entry.result.step_ms[done:]
+            del entry.result.cpu_ms[done:]
+    return done
 
 
 def _describe(device: torch.device) -> str:
@@ -477,8 +504,17 @@ def _describe(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> BenchReport:
-    """Set up every strategy, warm up, time interleaved rounds, and return the report."""
+def run_bench(
+    config: BenchConfig,
+    log: Callable[[str], None] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> BenchReport:
+    """Set up every strategy, warm up, time interleaved rounds, and return the report.
+
+    ``log`` receives what is being set up; ``on_round(done, total)`` is called as timing starts
+    and after each timing round. Ctrl-C during the rounds ends them early: the report covers the rounds that finished
+    (and says so); before the first round finishes, it propagates.
+    """
     from sopkit.models import build_model
     from sopkit.provenance import provenance
     from sopkit.registry import check_options, create_strategy, discover
@@ -544,7 +580,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     timed = entries + plain
     say(f"timing {len(timed)} loops: {config.repeats} interleaved rounds of {config.steps} steps")
     load_before = _load_average()
-    _time_rounds(timed, device, batches, config.repeats, config.steps)
+    rounds = _time_rounds(timed, device, batches, config.repeats, config.steps, on_round)
     load_after = _load_average()
     baseline = results[BASELINE]
     for entry in timed:
@@ -570,8 +606,15 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         strategies=[results[name] for name in names],
         loop=[loop_baseline] + [e.result for e in plain],
         provenance=provenance(),
+        rounds=rounds,
     )
     report.notes = _notes(report, device)
+    if rounds < config.repeats:
+        report.notes.insert(
+            0,
+            f"Interrupted: {rounds} of the {config.repeats} rounds were timed; every ratio is over "
+            "those rounds.",
+        )
     if load_before is not None and load_after is not None:
         report.notes.append(
             f"Load average (1 min) before/after timing: {load_before:.2f} / {load_after:.2f} on "

@@ -342,10 +342,44 @@ def bench(
         mk_sampler=mk_sampler,
         mk_backward=mk_backward,
     )
-    report = run_bench(config, log=lambda message: error_console.print(message, style="dim"))
+    try:
+        report = _bench_with_progress(config, run_bench)
+    except KeyboardInterrupt:
+        error_console.print("Interrupted before the first timing round finished: nothing measured.")
+        raise typer.Exit(INTERRUPTED_EXIT) from None
     print_report(console, report)
     if out is not None:
         console.print(f"Results: {', '.join(map(str, write_report(report, out)))}")
+    if report.rounds < config.repeats:  # interrupted: what was measured is out, but say so
+        raise typer.Exit(INTERRUPTED_EXIT)
+
+
+def _bench_with_progress(config: Any, run_bench: Callable[..., Any]) -> Any:
+    """``run_bench(config)`` with what it sets up logged, and its timing rounds shown as a bar on a
+    terminal (a line per round elsewhere)."""
+
+    def log(message: str) -> None:
+        error_console.print(message, style="dim")
+
+    if not error_console.is_terminal:
+
+        def line(done: int, total: int) -> None:
+            if done:
+                log(f"timed round {done}/{total}")
+
+        return run_bench(config, log=log, on_round=line)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=error_console, transient=True) as progress:
+        # Shown from the start of timing: setting up and warming up are logged above it.
+        task = progress.add_task("timing rounds", total=config.repeats, start=False, visible=False)
+
+        def on_round(done: int, total: int) -> None:
+            progress.start_task(task)
+            progress.update(task, completed=done, visible=True)
+
+        return run_bench(config, log=log, on_round=on_round)
 
 
 def main() -> None:

@@ -17,8 +17,11 @@ from typer.testing import CliRunner
 
 from sopkit.bench import (
     BenchConfig,
+    EntryResult,
+    _Entry,
     _ProbeSession,
     _single_step_note,
+    _time_rounds,
     command_line,
     parse_input_shape,
 )
@@ -193,7 +196,7 @@ def test_the_command_in_bench_md_asks_for_the_same_configuration(
 ) -> None:
     seen: list[BenchConfig] = []
 
-    def capture(asked: BenchConfig, log: object = None) -> None:
+    def capture(asked: BenchConfig, **callbacks: object) -> None:
         seen.append(asked)
         raise UserError("captured")
 
@@ -203,3 +206,71 @@ def test_the_command_in_bench_md_asks_for_the_same_configuration(
     result = runner.invoke(app, words[1:])
     assert result.exit_code == 2 and "captured" in result.output, result.output
     assert seen == [config]
+
+
+def _counting_entry(name: str, interrupt_at: int | None, calls: list[str]) -> _Entry:
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        calls.append(name)
+        if interrupt_at is not None and calls.count(name) == interrupt_at:
+            raise KeyboardInterrupt
+
+    model = torch.nn.Linear(1, 1)
+    return _Entry(name, step, model, torch.optim.SGD(model.parameters()), EntryResult(name, True))
+
+
+@pytest.mark.parametrize("interrupt_at", [None, 7, 13, 2])
+def test_an_interrupt_keeps_the_rounds_that_finished_for_every_entry_alike(
+    interrupt_at: int | None,
+) -> None:
+    # Three entries, 3 steps per round, 5 rounds; "b" is interrupted at its n-th step.
+    calls: list[str] = []
+    entries = [_counting_entry(n, interrupt_at if n == "b" else None, calls) for n in "abc"]
+    batch = (torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))
+    progress: list[tuple[int, int]] = []
+
+    def run() -> int:
+        return _time_rounds(entries, torch.device("cpu"), [batch], 5, 3,
+                            lambda done, total: progress.append((done, total)))
+
+    if interrupt_at is not None and interrupt_at <= 3:  # within the first round: nothing measured
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        return
+    done = run()
+    expected = 5 if interrupt_at is None else (interrupt_at - 1) // 3
+    assert done == expected
+    assert progress == [(k, 5) for k in range(expected + 1)]
+    for entry in entries:  # the round in progress is dropped for all, not only for some
+        assert len(entry.result.step_ms) == len(entry.result.cpu_ms) == expected
+
+
+def test_an_interrupt_before_any_round_finished_exits_130_with_a_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(config: BenchConfig, **callbacks: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sopkit.bench.run_bench", interrupted)
+    result = runner.invoke(app, ["bench", *TINY, *FAST])
+    assert result.exit_code == 130
+    assert "nothing measured" in result.output and "Traceback" not in result.output
+
+
+def test_an_interrupted_bench_still_writes_its_rounds_and_exits_130(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sopkit.bench as bench
+
+    original = bench._time_rounds
+
+    def two_rounds(entries, device, batches, repeats, steps, on_round=None):  # type: ignore[no-untyped-def]
+        return original(entries, device, batches, 2, steps, on_round)  # as if stopped after 2
+
+    monkeypatch.setattr(bench, "_time_rounds", two_rounds)
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", *TINY, *FAST, "--strategies", "mk", "--out", str(out)])
+    assert result.exit_code == 130, result.output
+    record = json.loads((out / "bench.json").read_text())
+    assert record["rounds_timed"] == 2 and record["config"]["repeats"] == 3
+    assert record["notes"][0].startswith("Interrupted: 2 of the 3 rounds")
+    assert "Interrupted: 2 of the 3 rounds" in (out / "bench.md").read_text()
