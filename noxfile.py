@@ -66,7 +66,7 @@ def report(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """BENCHMARKS.md's main measurement: `sopkit bench` into runs/bench/ (bench.json, bench.md).
+    """BENCHMARKS.md's main measurement: `sopkit bench` into runs/bench/ (bench.json, .md, .png).
 
     Machine-specific, so not committed (runs/ is ignored): CI keeps it as an artifact. Options after
     `--` go to sopkit bench and win, e.g. `nox -s bench -- --threads 1 --out runs/bench-1t`.

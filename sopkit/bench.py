@@ -772,8 +772,9 @@ def command_line(config: BenchConfig) -> str:
 
 
 def render_markdown(report: BenchReport) -> str:
-    """bench.md: the tables and notes as Markdown, with the command and the machine behind them."""
-    lines = ["# sopkit bench", ""]
+    """bench.md: the figure, the tables and notes as Markdown, with the command and the machine
+    behind them."""
+    lines = ["# sopkit bench", "", "![Step time against the baseline's](bench.png)", ""]
     for table in _tables(report):
         lines += [f"**{table.title}**", ""]
         lines.append("| " + " | ".join(header for header, _ in table.columns) + " |")
@@ -802,12 +803,58 @@ def render_markdown(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
+def draw_ratios(report: BenchReport) -> bytes:
+    """bench.png: every timed strategy's step-time ratio to the baseline, as a PNG.
+
+    A bar per strategy at its median ratio over rounds, whiskers over the interquartile range, a
+    line at 1 (the baseline) and the ratio written at the bar's end.
+    """
+    import io
+
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sopkit.report import FIGURE_STYLE
+
+    timed = [entry for entry in report.strategies if entry.measured and entry.ratios]
+    names = [entry.name for entry in timed][::-1]  # the table's order, top to bottom
+    ratios = [entry.ratio for entry in timed][::-1]
+    spans = [entry.ratio_iqr for entry in timed][::-1]
+    whiskers = [[r - low for r, (low, _) in zip(ratios, spans, strict=True)],
+                [high - r for r, (_, high) in zip(ratios, spans, strict=True)]]
+    config = report.config
+    with matplotlib.rc_context(FIGURE_STYLE):
+        figure = Figure(figsize=(7.6, 1.2 + 0.45 * len(names)), dpi=100)
+        FigureCanvasAgg(figure)
+        ax = figure.subplots()
+        # The baseline's own rows (the reference and its noise check) in grey.
+        colors = ["#8c959f" if name.startswith(BASELINE) else "#4c72b0" for name in names]
+        ax.barh(names, ratios, xerr=whiskers, color=colors, alpha=0.85, capsize=3)
+        ax.axvline(1.0, color="#656d76", linestyle="--", linewidth=1)
+        for y, ratio, (_, high) in zip(range(len(names)), ratios, spans, strict=True):
+            ax.text(max(ratio, high) + 0.03, y, f"{ratio:.2f}x", va="center", fontsize=9)
+        ax.set_xlim(0, max(high for _, high in spans) * 1.15 + 0.1)
+        ax.set_xlabel("step time / baseline's (median over rounds; whiskers: IQR)")
+        ax.grid(axis="y", visible=False)
+        ax.set_title(
+            f"{config.model}, batch {config.batch_size}, e = {config.expansion}, {report.device}",
+            fontsize=10,
+        )
+        figure.tight_layout()
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=150)
+    return png.getvalue()
+
+
 def write_report(report: BenchReport, out_dir: str | Path) -> list[Path]:
-    """Write ``bench.json`` (configuration, provenance, every ratio) and ``bench.md`` (the tables,
-    the command and the machine) into ``out_dir``; returns their paths."""
+    """Write ``bench.json`` (configuration, provenance, every ratio), ``bench.md`` (the tables,
+    the command and the machine) and ``bench.png`` (the ratios as bars) into ``out_dir``; returns
+    their paths."""
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
-    record, markdown = path / "bench.json", path / "bench.md"
+    record, markdown, figure = path / "bench.json", path / "bench.md", path / "bench.png"
     record.write_text(json.dumps(report.to_record(), indent=2, default=str) + "\n")
     markdown.write_text(render_markdown(report))
-    return [record, markdown]
+    figure.write_bytes(draw_ratios(report))
+    return [record, markdown, figure]

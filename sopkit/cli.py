@@ -312,7 +312,7 @@ def bench(
     ] = "auto",
     out: Annotated[
         str | None,
-        typer.Option(help="Directory to write bench.json and bench.md into [default: none]."),
+        typer.Option(help="Directory for bench.json, bench.md and bench.png [default: none]."),
     ] = None,
 ) -> None:
     """Time each strategy's training step against the baseline's (synthetic data, one process)."""

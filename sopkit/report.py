@@ -1038,7 +1038,8 @@ def _inline_svg(svg: str, prefix: str) -> str:
 # Figures
 # ---------------------------------------------------------------------------------------------------
 
-_RC: dict[Any, Any] = {
+#: The look of every sopkit figure (compare reports and `sopkit bench`).
+FIGURE_STYLE: dict[Any, Any] = {
     "font.size": 10,
     "axes.titlesize": 11,
     "axes.titleweight": "bold",
@@ -1457,7 +1458,7 @@ def draw_figures(groups: Sequence[Group]) -> list[FigureSpec]:
     import matplotlib
 
     specs = []
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(FIGURE_STYLE):
         for slug, title, caption, build in (
             (
                 "learning-curves",

@@ -74,8 +74,10 @@ def test_bench_writes_bench_json_with_finite_positive_ratios(tmp_path):
     assert mk["state_bytes"] > 2.5 * baseline["state_bytes"]
     assert math.isfinite(record["loop_ratio"]) and record["loop_ratio"] > 0
 
-    # bench.md: the same rows, and the command that measures them again.
+    # bench.md: the same rows, and the command that measures them again; bench.png drawn for it.
     markdown = (out / "bench.md").read_text()
+    assert "![Step time against the baseline's](bench.png)" in markdown
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name, entry in record["strategies"].items():
         low, high = entry["ratio_iqr"]
         row = f"| {name} | {entry['median_step_ms']:.2f} | {entry['ratio']:.2f}x [{low:.2f}-{high:.2f}] |"
