@@ -23,6 +23,23 @@ def _run(config: TrainConfig, seed: int = 0) -> RunContext:
                       torch.Generator().manual_seed(seed), steps_per_epoch=4)
 
 
+def _train_step(
+    strategy: SubsetSelection,
+    model: nn.Module,
+    run: RunContext,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """The loop's step after ``before_step`` (tests check the selection in between)."""
+    loss = strategy.loss(model, x, y, run)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    strategy.after_backward(model, run)
+    optimizer.step()
+    strategy.after_step(model, run)
+
+
 def test_the_wide_model_holds_e_times_the_neurons_and_starts_as_the_baseline() -> None:
     torch.manual_seed(0)
     base = tiny_model()  # 12 -> 16 -> 8 -> 4
@@ -98,12 +115,7 @@ def test_unchosen_neurons_do_not_change_in_a_step_not_even_through_optimizer_sta
         chosen = set(model.selected[0].tolist())
         reselected_with_momentum += len(seen - chosen)  # had state, now unchosen: the hard case
         seen |= chosen
-        loss = strategy.loss(model, x, y, run)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        strategy.after_backward(model, run)
-        optimizer.step()
-        strategy.after_step(model, run)
+        _train_step(strategy, model, run, optimizer, x, y)
         for (parameter, mask), old, old_state in zip(masks, before, state_before, strict=True):
             assert torch.equal(parameter[mask], old[mask]), "an unchosen entry moved"
             assert not torch.equal(parameter[~mask], old[~mask]), "the chosen entries did not train"
@@ -190,12 +202,7 @@ def test_steps_on_the_gathered_sub_network_equal_the_wide_step_with_snapshot_and
         strategy.before_step(new, run)
         old.selected = old.choose()
         assert all(torch.equal(a, b) for a, b in zip(new.selected, old.selected, strict=True))
-        loss = strategy.loss(new, x, y, run)
-        new_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        strategy.after_backward(new, run)
-        new_optimizer.step()
-        strategy.after_step(new, run)
+        _train_step(strategy, new, run, new_optimizer, x, y)
         _old_step(old, old_optimizer, x, y)
         for p, q in zip(new.parameters(), old.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -227,11 +234,7 @@ def test_the_kept_first_layer_similarities_are_those_of_the_current_weights(inpu
         assert all(torch.equal(a, b) for a, b in zip(cached, model.choose(), strict=True))
         x = torch.randn(32, inputs, generator=generator)
         y = torch.randint(0, 4, (32,), generator=generator)
-        loss = strategy.loss(model, x, y, run)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        strategy.after_step(model, run)
+        _train_step(strategy, model, run, run.optimizer, x, y)
     # A change made outside the strategy's steps is noticed: the similarities are recomputed.
     with torch.no_grad():
         model.linears[0].weight[0].mul_(-1)
@@ -275,11 +278,8 @@ def test_a_matmul_that_rounds_row_blocks_differently_is_caught_and_the_matrix_re
         fresh = exact(kept.unit, kept.unit).fill_diagonal_(-torch.inf)
         assert torch.equal(kept.matrix, fresh)
         x = torch.randn(32, 12, generator=generator)
-        loss = strategy.loss(model, x, torch.randint(0, 4, (32,), generator=generator), run)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        strategy.after_step(model, run)
+        y = torch.randint(0, 4, (32,), generator=generator)
+        _train_step(strategy, model, run, run.optimizer, x, y)
     assert kept.exact_update == {16: not rounds_blocks_differently}  # m = 16 rows change a step
 
 
