@@ -14,6 +14,9 @@ REPORT_PRESET = "paper-table1"
 REPORT_DEFAULTS = ["--lr-grid", "paper:-2..2", "--jobs", "2"]
 
 PYTHON = "3.11"
+# Every Python the lock supports (requires-python >= 3.11) that this project tests on: `nox -s tests`
+# runs each one found on the machine and skips the others (`nox -s tests-3.13` picks one).
+PYTHONS = ["3.11", "3.12", "3.13", "3.14"]
 
 
 def _sync(session: nox.Session) -> None:
@@ -27,7 +30,7 @@ def _sync(session: nox.Session) -> None:
     )
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """The README's test command: the whole suite (slow tests included; pass -m 'not slow' to skip)."""
     _sync(session)
@@ -74,4 +77,23 @@ def bench(session: nox.Session) -> None:
     _sync(session)
     session.run(
         "sopkit", "bench", "--repeats", "15", "--steps", "10", "--out", "runs/bench", *session.posargs
+    )
+
+
+@nox.session(python=PYTHON)
+def gpu(session: nox.Session) -> None:
+    """The checks only a CUDA machine can run: every `gpu` test, then the CUDA benchmarks of
+    BENCHMARKS.md into runs/bench-cuda-*. Fails at once where there is no CUDA device (the `gpu`
+    tests would skip, and a green run would prove nothing)."""
+    _sync(session)
+    session.run(
+        "python", "-c",
+        "import torch, sys; sys.exit(0 if torch.cuda.is_available() else "
+        "'nox -s gpu needs a CUDA device; torch.cuda.is_available() is False here')",
+    )
+    session.run("pytest", "-m", "gpu", "-rs", *session.posargs)
+    session.run("sopkit", "bench", "--device", "cuda", "--out", "runs/bench-cuda-mlp-a3")
+    session.run(
+        "sopkit", "bench", "--device", "cuda", "--model", "resnet18", "--input-shape", "3,32,32",
+        "--bf16", "--strategies", "mk", "--out", "runs/bench-cuda-resnet18",
     )

@@ -17,21 +17,27 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "expand": "sopkit.majority",
-    "collapse": "sopkit.majority",
-    "fixed_mixing": "sopkit.majority",
-    "count_parameters": "sopkit.majority",
-    "Strategy": "sopkit.strategy",
-    "StrategySettings": "sopkit.strategy",
-    "TrainConfig": "sopkit.train",
-    "TrainingSession": "sopkit.train",
+    "expand": "sopkit.mk",
+    "collapse": "sopkit.mk",
+    "fixed_mixing": "sopkit.mk",
+    "count_parameters": "sopkit.mk",
+    "Strategy": "sopkit.training.strategy",
+    "StrategySettings": "sopkit.training.settings",
+    "TrainConfig": "sopkit.training.config",
+    "TrainingSession": "sopkit.training.loop",
+    "RunContext": "sopkit.training.types",
+    "TrainResult": "sopkit.training.types",
+    "EpochRecord": "sopkit.training.types",
     "UserError": "sopkit.errors",
 }
 
 __all__ = [
+    "EpochRecord",
+    "RunContext",
     "Strategy",
     "StrategySettings",
     "TrainConfig",
+    "TrainResult",
     "TrainingSession",
     "UserError",
     "collapse",
@@ -42,9 +48,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from sopkit.errors import UserError
-    from sopkit.majority import collapse, count_parameters, expand, fixed_mixing
-    from sopkit.strategy import Strategy, StrategySettings
-    from sopkit.train import TrainConfig, TrainingSession
+    from sopkit.mk import collapse, count_parameters, expand, fixed_mixing
+    from sopkit.training.config import TrainConfig
+    from sopkit.training.loop import TrainingSession
+    from sopkit.training.settings import StrategySettings
+    from sopkit.training.strategy import Strategy
+    from sopkit.training.types import EpochRecord, RunContext, TrainResult
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,7 @@ what they need when they run. A ``UserError`` becomes a one-paragraph message an
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -15,7 +16,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from sopkit.bench.config import BenchConfig
+from sopkit.checks import default_of, help_of, plain_help_of
 from sopkit.errors import UserError
+from sopkit.experiment.plan import ComparePlan, Execution
+from sopkit.training.config import TrainConfig
 
 app = typer.Typer(
     name="sopkit",
@@ -68,57 +73,41 @@ def _names(text: str) -> tuple[str, ...]:
 @app.command()
 @reports_user_errors
 def compare(
-    dataset: Annotated[
-        str | None, typer.Option(help="Data set (see `sopkit datasets`). [default: mnist1d]")
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Model(s), comma-separated (see `sopkit models`), or package.module:factory. "
-            "[default: mlp-a2]"
-        ),
-    ] = None,
+    dataset: Annotated[str | None, typer.Option(help=help_of(ComparePlan, "dataset"))] = None,
+    model: Annotated[str | None, typer.Option(help=help_of(ComparePlan, "models"))] = None,
     strategies: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated strategies (see `sopkit strategies`). [default: baseline,mk]"),
+        str | None, typer.Option(help=help_of(ComparePlan, "strategies"))
     ] = None,
-    seeds: Annotated[int | None, typer.Option(help="Seeds per trial. [default: 3]")] = None,
-    first_seed: Annotated[int, typer.Option(help="The first seed; seeds are consecutive.")] = 0,
-    epochs: Annotated[
-        int | None,
-        typer.Option(help="Training epochs of the baseline. [default: per data set, 200 for mnist1d]"),
+    seeds: Annotated[int | None, typer.Option(help=help_of(ComparePlan, "seeds"))] = None,
+    first_seed: Annotated[
+        int, typer.Option(help="The first seed; seeds are consecutive.")
+    ] = default_of(ComparePlan, "seeds")[0],
+    epochs: Annotated[int | None, typer.Option(help=help_of(TrainConfig, "epochs"))] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=help_of(TrainConfig, "batch_size"))
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Training batch size. [default: 256]")] = None,
-    optimizer: Annotated[
-        str | None,
-        typer.Option(help="adam and/or sgd (momentum 0.9), comma-separated. [default: adam]"),
+    optimizer: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "optimizer"))] = None,
+    lr: Annotated[float | None, typer.Option(help=help_of(TrainConfig, "lr"))] = None,
+    lr_grid: Annotated[str | None, typer.Option(help=plain_help_of(ComparePlan, "lr_grid"))] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help=help_of(TrainConfig, "weight_decay"))
     ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Learning rate without a grid. [default: 1e-3 for adam, 0.025 for sgd]"),
-    ] = None,
-    lr_grid: Annotated[
-        str | None,
-        typer.Option(
-            help="Tune the rate per strategy on validation: 'paper' (base*1.5^i, i in -4..5), "
-            "'paper:-2..2', or rates '0.01,0.003'."
-        ),
-    ] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay. [default: 0]")] = None,
-    schedule: Annotated[
-        str | None, typer.Option(help="constant, step or cosine. [default: constant]")
-    ] = None,
+    schedule: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "schedule"))] = None,
     expansion: Annotated[
-        int | None, typer.Option(help="Expansion factor e (copies per weight). [default: 3]")
+        int | None, typer.Option(help=help_of(ComparePlan, "expansion"))
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda...")] = "auto",
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
+    device: Annotated[
+        str, typer.Option(help=plain_help_of(ComparePlan, "device"))
+    ] = default_of(ComparePlan, "device"),
+    bf16: Annotated[
+        bool, typer.Option(help=plain_help_of(TrainConfig, "bf16"))
+    ] = default_of(TrainConfig, "bf16"),
     data_dir: Annotated[
-        str | None, typer.Option(help="Directory holding torchvision data sets (cifar10, mnist...).")
+        str | None, typer.Option(help=plain_help_of(ComparePlan, "data_dir"))
     ] = None,
     download: Annotated[
-        bool, typer.Option(help="Download torchvision data sets into --data-dir if missing.")
-    ] = False,
+        bool, typer.Option(help=plain_help_of(ComparePlan, "download"))
+    ] = default_of(ComparePlan, "download"),
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -127,28 +116,24 @@ def compare(
             "(e.g. --set mk.init=replicate).",
         ),
     ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(help="A shipped preset (e.g. paper-table1) or a TOML file; options override it."),
-    ] = None,
-    jobs: Annotated[int, typer.Option(help="Worker processes running trials in parallel.")] = 1,
+    preset: Annotated[str | None, typer.Option(help=plain_help_of(ComparePlan, "preset"))] = None,
+    jobs: Annotated[
+        int, typer.Option(help=plain_help_of(Execution, "jobs"))
+    ] = default_of(Execution, "jobs"),
     threads: Annotated[
-        int,
-        typer.Option(
-            help="torch CPU threads per trial; the same with any --jobs, so results do not depend "
-            "on it. Raise it for big models on the CPU."
-        ),
-    ] = 1,
+        int, typer.Option(help=plain_help_of(Execution, "threads"))
+    ] = default_of(Execution, "threads"),
     out: Annotated[
         str | None,
         typer.Option(
-            help="Output directory; rerunning into it resumes. [default: runs/PRESET or "
+            help="Output directory; rerunning into it resumes. \\[default: runs/PRESET or "
             "runs/DATASET-MODEL]"
         ),
     ] = None,
 ) -> None:
     """Train strategies side by side and report them honestly (resumes into an existing --out)."""
-    from sopkit.compare import build_plan, default_out_dir, plan_record, run_plan
+    from sopkit.experiment.plan import build_plan, default_out_dir, plan_record
+    from sopkit.experiment.runner import run_plan
 
     plan = build_plan(
         preset=preset,
@@ -172,9 +157,13 @@ def compare(
         download=download,
     )
     out_dir = Path(out) if out else default_out_dir(plan)
-    record = plan_record(plan)
+    # Stored with the plan: `sopkit report DIR` later shows the command that produced the trials.
+    command = shlex.join(["sopkit", *sys.argv[1:]])
+    record = plan_record(plan, command)
     _run_with_progress(
-        lambda progress: run_plan(plan, out_dir, progress, jobs=jobs, threads=threads),
+        lambda progress: run_plan(
+            plan, out_dir, progress, jobs=jobs, threads=threads, command=command
+        ),
         out_dir,
         record,
     )
@@ -183,7 +172,7 @@ def compare(
 
 def _run_with_progress(work: Callable[[Any], Any], out_dir: Path, plan: dict[str, Any]) -> None:
     """Run ``work(progress)`` with live progress; an interrupt keeps what finished and says where."""
-    from sopkit.progress import RichProgress, progress_for
+    from sopkit.training.progress import RichProgress, progress_for
 
     progress = progress_for(console)
     try:
@@ -206,10 +195,9 @@ def _run_with_progress(work: Callable[[Any], Any], out_dir: Path, plan: dict[str
 def _report(
     out_dir: Path, *, plan: dict[str, Any] | None = None, complete: bool | None = None
 ) -> None:
-    from sopkit.reporting import regenerate
+    from sopkit.report import regenerate
 
-    paths = regenerate(out_dir, console=console, plan=plan, complete=complete,
-                       command=" ".join(["sopkit", *sys.argv[1:]]))
+    paths = regenerate(out_dir, console=console, plan=plan, complete=complete)
     console.print("Reports: " + ", ".join(str(p) for p in paths), highlight=False)
 
 
@@ -279,40 +267,55 @@ def list_models() -> None:
 @reports_user_errors
 def bench(
     model: Annotated[
-        str, typer.Option(help="Model name (see `sopkit models`) or package.module:factory.")
-    ] = "mlp-a3",
+        str, typer.Option(help=plain_help_of(BenchConfig, "model"))
+    ] = default_of(BenchConfig, "model"),
     input_shape: Annotated[
-        str, typer.Option(help="Per-example input shape, e.g. 3072 (flat CIFAR) or 3,32,32.")
-    ] = "3072",
-    num_classes: Annotated[int, typer.Option(help="Number of classes.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 256,
-    expansion: Annotated[int, typer.Option(help="Expansion factor e (copies per weight).")] = 3,
+        str, typer.Option(help=plain_help_of(BenchConfig, "input_shape"))
+    ] = ",".join(map(str, default_of(BenchConfig, "input_shape"))),
+    num_classes: Annotated[
+        int, typer.Option(help=plain_help_of(BenchConfig, "num_classes"))
+    ] = default_of(BenchConfig, "num_classes"),
+    batch_size: Annotated[
+        int, typer.Option(help=plain_help_of(TrainConfig, "batch_size"))
+    ] = default_of(BenchConfig, "batch_size"),
+    expansion: Annotated[
+        int, typer.Option(help=plain_help_of(BenchConfig, "expansion"))
+    ] = default_of(BenchConfig, "expansion"),
     strategies: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated strategies [default: every registered strategy]."),
+        str | None, typer.Option(help=help_of(BenchConfig, "strategies"))
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda...")] = "auto",
-    threads: Annotated[
-        int | None, typer.Option(help="torch.set_num_threads [default: torch's default].")
-    ] = None,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = False,
-    repeats: Annotated[int, typer.Option(help="Interleaved timing rounds.")] = 10,
-    steps: Annotated[int, typer.Option(help="Timed steps per strategy per round.")] = 10,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per strategy.")] = 5,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd (with momentum 0.9).")] = "adam",
+    device: Annotated[
+        str, typer.Option(help=plain_help_of(ComparePlan, "device"))
+    ] = default_of(BenchConfig, "device"),
+    threads: Annotated[int | None, typer.Option(help=help_of(BenchConfig, "threads"))] = None,
+    bf16: Annotated[
+        bool, typer.Option(help=plain_help_of(TrainConfig, "bf16"))
+    ] = default_of(BenchConfig, "bf16"),
+    repeats: Annotated[
+        int, typer.Option(help=plain_help_of(BenchConfig, "repeats"))
+    ] = default_of(BenchConfig, "repeats"),
+    steps: Annotated[
+        int, typer.Option(help=plain_help_of(BenchConfig, "steps"))
+    ] = default_of(BenchConfig, "steps"),
+    warmup: Annotated[
+        int, typer.Option(help=plain_help_of(BenchConfig, "warmup"))
+    ] = default_of(BenchConfig, "warmup"),
+    optimizer: Annotated[
+        str, typer.Option(help="adam or sgd (with momentum 0.9).")
+    ] = default_of(BenchConfig, "optimizer"),
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Strategy option KEY=VALUE, repeatable (as for compare)."),
     ] = None,
     mk_sampler: Annotated[
-        str, typer.Option(help="How majority kernels draw p: auto, compiled, sfc64, torch, triton.")
-    ] = "auto",
+        str, typer.Option(help=plain_help_of(BenchConfig, "mk_sampler"))
+    ] = default_of(BenchConfig, "mk_sampler"),
     mk_backward: Annotated[
-        str, typer.Option(help="What MK's backward keeps: auto, save (p), regenerate (a seed).")
-    ] = "auto",
+        str, typer.Option(help=plain_help_of(BenchConfig, "mk_backward"))
+    ] = default_of(BenchConfig, "mk_backward"),
     out: Annotated[
         str | None,
-        typer.Option(help="Directory for bench.json, bench.md and bench.png [default: none]."),
+        typer.Option(help="Directory for bench.json, bench.md and bench.png \\[default: none]."),
     ] = None,
 ) -> None:
     """Time each strategy's training step against the baseline's (synthetic data, one process)."""

@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for (an unknown name, a bad value, a missing file)."""
+class UserError(ValueError):
+    """A mistake in what the user asked for (an unknown name, a bad value, a missing file).
+
+    A ``ValueError``, so that library callers (``sopkit.expand(model, expansion=1)``) can catch it
+    the way they catch any bad argument."""
 
 
 def unknown_name(

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from sopkit.errors import UserError, unknown_name
 
 if TYPE_CHECKING:
-    from sopkit.strategy import Strategy, StrategySettings
+    from sopkit.training.settings import StrategySettings
+    from sopkit.training.strategy import Strategy
 
 GROUP = "sopkit.strategies"
 DISABLE_AUTOLOAD_ENV = "SOPKIT_DISABLE_PLUGIN_AUTOLOAD"
@@ -37,7 +38,7 @@ class StrategyEntry:
 
     def load(self) -> type[Strategy]:
         """Import the strategy class; a failure is reported naming the plugin, never a traceback."""
-        from sopkit.strategy import Strategy
+        from sopkit.training.strategy import Strategy
 
         try:
             loaded = self.entry_point.load()
@@ -95,10 +96,6 @@ def discover() -> dict[str, StrategyEntry]:
 def _builtin_order(names: list[str]) -> list[str]:
     preferred = ["baseline", "baseline-long", "mk", "adv-mk", "adv-mk-only"]
     return [n for n in preferred if n in names] + [n for n in names if n not in preferred]
-
-
-def available_strategies() -> list[str]:
-    return list(discover())
 
 
 def check_options(settings: StrategySettings, selected: Iterable[str]) -> None:

@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sopkit import compiled
 from sopkit.data import DataSplits, TensorSplit
 from sopkit.errors import UserError
-from sopkit.majority import expand, find_majority, fixed_mixing, fixed_weights, sample_dirichlet
+from sopkit.mk import compiled, expand, find_majority, fixed_mixing, fixed_weights, sample_dirichlet
 from sopkit.models import mlp
 from sopkit.strategies.adversarial import (
     AdversarialMajorityKernels,
@@ -29,8 +28,9 @@ from sopkit.strategies.adversarial import (
     virtual_gradient,
 )
 from sopkit.strategies.majority import MajorityKernelsStrategy
-from sopkit.strategy import StrategySettings
-from sopkit.train import TrainConfig, TrainingSession
+from sopkit.training.loop import TrainingSession
+from sopkit.training.settings import StrategySettings
+from sopkit.training.types import RunContext, TrainConfig
 
 
 def _settings(name: str = "adv-mk", **options: str) -> StrategySettings:
@@ -56,6 +56,12 @@ def _tiny_data(n: int = 96) -> DataSplits:
     train = TensorSplit(x[:n], y[:n])
     held_out = TensorSplit(x[n:], y[n:])
     return DataSplits("tiny", (12,), 4, train, held_out, held_out)
+
+
+def _run() -> RunContext:
+    """A fresh run, as the loop makes one, for hooks called outside the loop."""
+    return RunContext(0, TrainConfig(), torch.device("cpu"), _tiny_data(),
+                      torch.Generator().manual_seed(0), steps_per_epoch=1)
 
 
 def _assert_on_simplex(p: torch.Tensor) -> None:
@@ -180,7 +186,7 @@ def test_the_uniform_pass_leaves_no_gradient_behind() -> None:
     model = _expanded_model()
     strategy = AdversarialMajorityKernels(_settings())
     x, y = _batch()
-    loss = strategy.loss(model, x, y, None)  # type: ignore[arg-type]
+    loss = strategy.loss(model, x, y, _run())
     assert all(parameter.grad is None for parameter in model.parameters())
     assert find_majority(model).fixed_mixing is None  # type: ignore[union-attr]
     # The loop's backward then sees only the loss at the chosen mixing.
@@ -214,7 +220,7 @@ def test_with_eps_zero_a_step_is_an_mk_step_with_the_same_random_draw() -> None:
     mk_loss.backward()
     torch.manual_seed(7)
     adv = AdversarialMajorityKernels(_settings(eps="0"))
-    adv_loss = adv.loss(adv_model, x, y, None)  # type: ignore[arg-type]
+    adv_loss = adv.loss(adv_model, x, y, _run())
     adv_loss.backward()
     torch.testing.assert_close(adv_loss, mk_loss, rtol=1e-6, atol=1e-7)
     for (name, mk_param), adv_param in zip(mk_model.named_parameters(), adv_model.parameters(),
@@ -242,10 +248,12 @@ def test_adversarial_only_with_eps_zero_trains_at_the_uniform_mixing() -> None:
     assert holder is not None
     x, y = _batch()
     state = torch.get_rng_state()
+    step = holder.stream.step
     p, u = AdversarialOnlyMajorityKernels(_settings("adv-mk-only", eps="0")).mixing(
         model, holder, x, y
     )
-    assert torch.equal(torch.get_rng_state(), state)  # B.1 draws no random mixing
+    assert holder.stream.step == step  # B.1 draws no random mixing from the model's stream
+    assert torch.equal(torch.get_rng_state(), state)  # nor from torch's global generator
     torch.testing.assert_close(p, torch.full_like(p, 1 / 3))
     torch.testing.assert_close(u, torch.zeros_like(u), atol=1e-6, rtol=0)
 
@@ -326,7 +334,7 @@ def test_with_eps_zero_a_fused_step_is_an_mk_step_with_the_same_random_draw() ->
     mk_loss = MajorityKernelsStrategy(_settings("mk")).loss(mk_model, x, y, None)  # type: ignore[arg-type]
     mk_loss.backward()
     torch.manual_seed(7)
-    adv_loss = AdversarialMajorityKernels(_settings(eps="0")).loss(adv_model, x, y, None)  # type: ignore[arg-type]
+    adv_loss = AdversarialMajorityKernels(_settings(eps="0")).loss(adv_model, x, y, _run())
     adv_loss.backward()
     torch.testing.assert_close(adv_loss, mk_loss, rtol=1e-6, atol=1e-7)
     copies = find_majority(mk_model).copies  # type: ignore[union-attr]
@@ -356,11 +364,19 @@ def test_a_run_reports_its_mean_u_and_sampler() -> None:
         _tiny_data(), lambda: mlp((12,), 4, hidden=(16,)), TrainConfig(epochs=1, batch_size=32),
         device=torch.device("cpu"),
     )
-    result = AdversarialMajorityKernels(_settings(sampler="torch")).fit(session)
-    assert 0 < result.extra["mean_u"] < 1
-    assert result.extra["mk_sampler"] == "torch"
-    only = AdversarialOnlyMajorityKernels(_settings("adv-mk-only", sampler="torch")).fit(session)
-    assert only.extra["mk_sampler"] == "torch"  # B.1 draws no random mixing, and still records
+
+    def extra(cls: type[AdversarialMajorityKernels], name: str, eps: str) -> dict[str, object]:
+        return cls(_settings(name, sampler="torch", eps=eps)).fit(session).extra
+
+    # Through the report hook, in this order, and nothing else.
+    assert list(extra(AdversarialMajorityKernels, "adv-mk", "1")) == ["mean_u", "mk_sampler"]
+    # eps = 0 never leaves the uniform mixing: u is 0 at every step. A huge step lands on a vertex
+    # (u = 1) wherever the gradient is not zero. eps = 1 (the default) tilts p only a little.
+    assert extra(AdversarialMajorityKernels, "adv-mk", "0")["mean_u"] == 0.0
+    assert extra(AdversarialOnlyMajorityKernels, "adv-mk-only", "1e9")["mean_u"] > 0.95
+    assert 0 < extra(AdversarialMajorityKernels, "adv-mk", "1")["mean_u"] < 0.1  # type: ignore[operator]
+    only = extra(AdversarialOnlyMajorityKernels, "adv-mk-only", "1")
+    assert only["mk_sampler"] == "torch"  # B.1 draws no random mixing, and still records
 
 
 @pytest.mark.gpu

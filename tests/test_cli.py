@@ -35,12 +35,14 @@ def test_help_does_not_import_torch():
     assert completed.stdout.strip() == ""
 
 
-def test_compare_writes_summary_and_per_seed_records(tmp_path):
-    out = tmp_path / "out"
-    result = run(
+def test_compare_writes_summary_and_per_seed_records(tmp_path, monkeypatch):
+    out = tmp_path / "my out"
+    args = [
         "compare", "--dataset", "digits", "--model", "mlp-a1", "--strategies", "baseline,mk",
         "--seeds", "2", "--epochs", "2", "--batch-size", "128", "--out", str(out),
-    )
+    ]
+    monkeypatch.setattr(sys, "argv", ["sopkit", *args])  # what the console script would see
+    result = run(*args)
     assert result.exit_code == 0, result.output
     assert "epoch 2/2" in result.output  # plain progress lines: the runner is not a terminal
     assert "digits / mlp-a1 / adam" in result.output
@@ -57,26 +59,34 @@ def test_compare_writes_summary_and_per_seed_records(tmp_path):
                     "inference_params", "step_time_ratio", "median_step_time", "wall_time"):
             assert key in row
         assert row["seeds"] == [0, 1]
-        assert 0.3 < row["test_accuracy_mean"] <= 1.0
+        assert row["test_accuracy_mean"] > 0.3  # learnt something: chance is 0.1
         assert row["train"]["epochs"] == 2 and row["train"]["batch_size"] == 128
     assert rows["baseline"]["step_time_ratio"] == 1.0
-    assert rows["mk"]["step_time_ratio"] == pytest.approx(
-        rows["mk"]["median_step_time"] / rows["baseline"]["median_step_time"]
-    )
-    assert rows["mk"]["inference_params"] == rows["baseline"]["inference_params"]
-    assert rows["mk"]["train_params"] > 2 * rows["baseline"]["train_params"]
+    # mlp-a1 on digits (64 inputs, 10 classes); mk trains e = 3 copies of each weight.
+    assert rows["baseline"]["train_params"] == rows["baseline"]["inference_params"] == 7510
+    assert rows["mk"]["inference_params"] == 7510
+    assert rows["mk"]["train_params"] == 3 * (64 * 100 + 100 * 10) + 100 + 10
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert [(r["strategy"], r["seed"]) for r in records] == [
         ("baseline", 0), ("mk", 0), ("baseline", 1), ("mk", 1)
     ]
     assert all(len(r["curve"]) == 2 and r["provenance"]["versions"]["torch"] for r in records)
     for name, row in rows.items():
-        accuracies = [r["test_accuracy"] for r in records if r["strategy"] == name]
-        assert row["test_accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
+        stored = [r["test_accuracy"] for r in records if r["strategy"] == name]
+        assert row["test_accuracies"] == stored
+    # The command line that produced the trials is kept with them, quoted for a shell.
+    command = (
+        "sopkit compare --dataset digits --model mlp-a1 --strategies baseline,mk --seeds 2 "
+        f"--epochs 2 --batch-size 128 --out '{out}'"
+    )
+    assert f"```\n{command}\n```" in (out / "report.md").read_text()
 
+    monkeypatch.setattr(sys, "argv", ["sopkit", "report", str(out)])
     again = run("report", str(out))  # the same reports, from the database alone
     assert again.exit_code == 0, again.output
     assert json.loads((out / "summary.json").read_text())["strategies"] == summary["strategies"]
+    text = (out / "report.md").read_text()
+    assert f"```\n{command}\n```" in text and "sopkit report" not in text
 
 
 def test_report_on_a_directory_without_results_is_a_user_error(tmp_path):

@@ -1,4 +1,4 @@
-"""The ``"compiled"`` sampler's random bits and distribution (sopkit.compiled).
+"""The ``"compiled"`` sampler's random bits and distribution (sopkit.mk.compiled).
 
 Its bits must be SplitMix64's (checked against a big-integer implementation of the published
 algorithm), the compiled kernels must compute exactly what the same functions compute uncompiled
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from sopkit import compiled
+from sopkit.mk import compiled
 
 pytestmark = pytest.mark.skipif(
     not compiled.available(3), reason="the 'compiled' sampler needs torch.compile with a C++ compiler"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sopkit.errors import UserError
-from sopkit.majority import (
+from sopkit.mk import (
     COPIES_NAME,
     collapse,
     count_parameters,
@@ -23,13 +23,15 @@ from sopkit.majority import (
 )
 from sopkit.models import build_model
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
 
 def randomise_normalisation(model: nn.Module, generator: torch.Generator) -> None:
     """Give every norm layer non-trivial statistics and affine parameters, so that a collapse that
     dropped or mixed them up would change the outputs."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, BATCH_NORMS):
                 module.running_mean.copy_(
                     torch.randn(module.running_mean.shape, generator=generator)
                 )
@@ -37,7 +39,7 @@ def randomise_normalisation(model: nn.Module, generator: torch.Generator) -> Non
                     torch.rand(module.running_var.shape, generator=generator) + 0.5
                 )
             if (
-                isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm)
+                isinstance(module, (*BATCH_NORMS, nn.LayerNorm))
                 and module.weight is not None
             ):
                 module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
@@ -407,6 +409,69 @@ def test_mean_weights_in_a_pooled_buffer_are_the_mean_weights_detached(expansion
     assert again.data_ptr() == address and torch.equal(again, mean)
     held = holder.mean_weights(pooled=True)  # ... and never while something does
     assert held.data_ptr() != again.data_ptr() and torch.equal(held, again)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_eval_weights_follow_every_optimizer_step(fused):
+    """torch's fused optimizers write the copies without bumping their version counter: the
+    cached eval weights must still follow, also when an eval pass comes between backward and step."""
+    torch.manual_seed(0)
+    model = expand(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused, foreach=not fused or None)
+    x = torch.randn(5, 4)
+    for eval_before_step in (False, True, False):
+        model.train()
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        if eval_before_step:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), collapse(model)(x), rtol=0, atol=0)
+
+
+def test_collapse_removes_only_its_own_hooks():
+    model = expand(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 2)
+    calls: list[str] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append("user"))
+    collapsed = collapse(model)
+    collapsed(torch.randn(1, 3))  # no sopkit hook left: it would look for the copies
+    assert calls == ["user"]
+    model.train()
+    model(torch.randn(1, 3)).sum().backward()  # the original keeps both and still trains
+    assert calls == ["user", "user"] and find_majority(model).copies.grad is not None
+
+
+def test_the_public_alias_sopkit_majority_is_sopkit_mk():
+    import sopkit.majority
+    import sopkit.mk
+
+    assert sopkit.majority.EXPANDABLE is sopkit.mk.EXPANDABLE
+    for name in sopkit.majority.__all__:
+        assert getattr(sopkit.majority, name) is getattr(sopkit.mk, name), name
+    assert sopkit.expand is sopkit.mk.expand and sopkit.collapse is sopkit.mk.collapse
+
+
+def test_a_layer_registered_through_the_alias_is_expanded():
+    import sopkit.majority
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.kernel
+
+    sopkit.majority.EXPANDABLE[Scale] = ("kernel",)
+    try:
+        holder = find_majority(expand(Scale(), 2))
+    finally:
+        del sopkit.majority.EXPANDABLE[Scale]
+    assert [k.name for k in holder.kernels] == ["kernel"]
 
 
 def test_expand_leaves_the_original_untouched_unless_inplace():

@@ -23,14 +23,18 @@ import pytest
 import torch
 from torch import nn
 
-import sopkit.majority as majority
-from sopkit import compiled
-from sopkit.majority import (
+from sopkit.mk import (
     MixingDraw,
+    compiled,
     expand,
     find_majority,
     fixed_mixing,
+    fixed_weights,
+    sampling,
+    sfc64,
 )
+from sopkit.mk import triton as mk_triton
+from sopkit.mk.autograd import SampledMixing
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_COMPILED = compiled.available(3)
@@ -74,24 +78,19 @@ def fast_and_reference_gradients(
     model: nn.Module, sampler: str, backward: str, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The copies' gradient from a training forward with ``sampler``/``backward``, and from the
-    explicit formula with the same ``p`` (drawn from the same generator state), and that ``p``."""
+    explicit formula with the same ``p`` (the same step of the model's stream), and that ``p``."""
     holder = find_majority(model)
     holder.sampler, holder.backward = sampler, backward
     model.train()
 
-    torch.manual_seed(123)
-    p = holder.draw().p()  # the draw a training forward makes from this generator state
-    torch.manual_seed(123)
+    state = holder.stream.state_dict()
+    p = holder.draw().p()  # the draw the next training forward makes
+    holder.stream.load_state_dict(state)
     (fast,) = torch.autograd.grad(loss_of(model, device), holder.copies)
 
     straightforward = explicit_sum if sampler == "compiled" else explicit_mix
-    holder.assign(straightforward(p, holder.copies))
-    handle = model._forward_pre_hooks.copy()  # bypass refresh: the layers keep these weights
-    model._forward_pre_hooks.clear()
-    try:
+    with fixed_weights(model, straightforward(p, holder.copies)):
         (reference,) = torch.autograd.grad(loss_of(model, device), holder.copies)
-    finally:
-        model._forward_pre_hooks.update(handle)
     return fast, reference, p
 
 
@@ -119,9 +118,8 @@ def test_fast_paths_give_the_straightforward_gradient_on_cpu(sampler, backward, 
     assert torch.equal(fast, reference)
     # And the textbook form of the same thing: (p * copies).sum(0), up to summation order.
     holder = find_majority(model)
-    holder.assign((p * holder.copies).sum(0))
-    model._forward_pre_hooks.clear()
-    (textbook,) = torch.autograd.grad(loss_of(model), holder.copies)
+    with fixed_weights(model, (p * holder.copies).sum(0)):
+        (textbook,) = torch.autograd.grad(loss_of(model), holder.copies)
     torch.testing.assert_close(fast, textbook, rtol=1e-5, atol=1e-7)
 
 
@@ -140,7 +138,7 @@ def check_regenerated_p_is_the_forward_p(draw: MixingDraw, save_p: bool) -> None
     torch.testing.assert_close(p.sum(0), torch.ones_like(p[0]), rtol=0, atol=1e-6)
     for k in range(draw.expansion):
         copies = one_hot_copies(draw.expansion, draw.numel, k, device=str(draw.device))
-        w = majority._SampledMixing.apply(copies, draw, save_p)
+        w = SampledMixing.apply(copies, draw, save_p)
         assert torch.equal(w, p[k]), f"forward p_{k} differs from draw.p()"
         (grad,) = torch.autograd.grad(w, copies, torch.ones_like(w))
         assert torch.equal(grad, p), "backward's p differs from the forward's"
@@ -154,25 +152,25 @@ def check_regenerated_p_is_the_forward_p(draw: MixingDraw, save_p: bool) -> None
 def test_regenerated_p_is_the_forward_p_on_cpu(sampler, save_p, expansion):
     skip_unless_sampler_works(sampler)
     # 2.5 chunks, so the chunked regeneration is exercised across chunk boundaries.
-    numel = 5 * majority._CHUNK // 2 + 7
+    numel = 5 * sampling.CHUNK // 2 + 7
     draw = MixingDraw(987654321, expansion, numel, torch.device("cpu"), torch.float32, sampler)
     check_regenerated_p_is_the_forward_p(draw, save_p)
 
 
 def test_sfc64_draw_does_not_depend_on_the_thread_count():
     threads = torch.get_num_threads()
-    numel = 3 * majority._SFC64_BLOCK + 12345
+    numel = 3 * sfc64.BLOCK + 12345
     try:
         torch.set_num_threads(1)
-        one = majority._sfc64_dirichlet(3, numel, 42)
+        one = sfc64.sfc64_dirichlet(3, numel, 42)
         torch.set_num_threads(3)
-        three = majority._sfc64_dirichlet(3, numel, 42)
+        three = sfc64.sfc64_dirichlet(3, numel, 42)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, three)
     grid = one * 2**24  # every p_k is a multiple of 2**-24, and they sum to exactly 1
     assert torch.equal(grid, grid.round()) and torch.equal(one.sum(0), torch.ones(numel))
-    assert not torch.equal(one, majority._sfc64_dirichlet(3, numel, 43))
+    assert not torch.equal(one, sfc64.sfc64_dirichlet(3, numel, 43))
 
 
 def saved_shapes(model: nn.Module, device: str = "cpu") -> list[torch.Size]:
@@ -208,7 +206,7 @@ def test_compiled_default_keeps_nothing_shaped_like_the_copies():
 
 
 def test_auto_uses_the_compiled_kernel_only_for_large_models(monkeypatch):
-    monkeypatch.setattr(majority, "COMPILED_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(sampling, "COMPILED_MIN_WEIGHTS", 1000)
     monkeypatch.setattr(compiled, "available", lambda expansion: True)
     small, large = small_model(3), expand(nn.Linear(40, 30), 3)
     assert find_majority(small).resolved_sampler() == "sfc64"
@@ -216,7 +214,7 @@ def test_auto_uses_the_compiled_kernel_only_for_large_models(monkeypatch):
 
 
 def test_without_a_working_compiler_auto_falls_back_and_compiled_is_refused(monkeypatch):
-    monkeypatch.setattr(majority, "COMPILED_MIN_WEIGHTS", 10)
+    monkeypatch.setattr(sampling, "COMPILED_MIN_WEIGHTS", 10)
     monkeypatch.setattr(compiled, "available", lambda expansion: False)
     holder = find_majority(small_model(3))
     assert holder.resolved_sampler() == "sfc64"
@@ -230,9 +228,10 @@ def test_sample_gives_the_p_a_training_forward_draws():
     model = small_model(3)
     holder = find_majority(model)
     model.train()
-    torch.manual_seed(5)
+    state = holder.stream.state_dict()
     p = holder.sample()
-    torch.manual_seed(5)
+    assert holder.stream.step == state["step"] + 1
+    holder.stream.load_state_dict(state)
     weights = []
     model[0].register_forward_pre_hook(lambda m, a: weights.append(m.weight.detach().clone()))
     loss_of(model)
@@ -247,9 +246,8 @@ def test_fixed_mixing_gradients_in_p_and_copies_match_plain_autograd():
     with fixed_mixing(model, p):
         model.train()
         fast = torch.autograd.grad(loss_of(model), [holder.copies, p])
-    holder.assign(explicit_mix(p, holder.copies))
-    model._forward_pre_hooks.clear()
-    reference = torch.autograd.grad(loss_of(model), [holder.copies, p])
+    with fixed_weights(model, explicit_mix(p, holder.copies)):
+        reference = torch.autograd.grad(loss_of(model), [holder.copies, p])
     for a, b in zip(fast, reference, strict=True):
         assert torch.equal(a, b)
 
@@ -307,9 +305,9 @@ def interpreted_triton(monkeypatch: pytest.MonkeyPatch) -> object:
     """The "triton" sampler's kernels, run on CPU tensors by Triton's interpreter."""
     if not (HAS_TRITON and INTERPRETED):
         pytest.skip("runs through test_triton_kernels_under_the_interpreter")
-    kernels = majority._TritonMixing()
-    monkeypatch.setattr(majority, "_triton_mixing", lambda: kernels)
-    monkeypatch.setattr(majority, "_triton_applies", lambda *args: True)
+    kernels = mk_triton.TritonMixing()
+    monkeypatch.setattr(sampling, "triton_mixing", lambda: kernels)
+    monkeypatch.setattr(sampling, "triton_applies", lambda *args: True)
     return kernels
 
 
@@ -372,7 +370,7 @@ def test_fast_paths_give_the_straightforward_gradient_on_cuda(sampler, backward)
 def test_regenerated_p_is_the_forward_p_on_cuda(sampler, save_p, expansion):
     if sampler == "triton" and not HAS_TRITON:
         pytest.skip("needs triton")
-    numel = 5 * majority._CHUNK // 2
+    numel = 5 * sampling.CHUNK // 2
     draw = MixingDraw(2**61 + 3, expansion, numel, torch.device("cuda"), torch.float32, sampler)
     check_regenerated_p_is_the_forward_p(draw, save_p)
 
@@ -396,14 +394,14 @@ def test_two_forwards_then_two_backwards_accumulate_the_right_gradients(backward
     holder = find_majority(model)
     holder.backward, holder.sampler = backward, sampler
     model.train()
-    torch.manual_seed(9)
+    state = holder.stream.state_dict()
     first, second = loss_of(model), loss_of(model) * 0.5
     first.backward()
     second.backward()
     accumulated = holder.copies.grad.clone()
 
     holder.copies.grad = None
-    torch.manual_seed(9)
+    holder.stream.load_state_dict(state)
     expected = torch.autograd.grad(loss_of(model), holder.copies)[0]
     expected = expected + torch.autograd.grad(loss_of(model) * 0.5, holder.copies)[0]
     torch.testing.assert_close(accumulated, expected, rtol=0, atol=0)

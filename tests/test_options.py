@@ -6,7 +6,7 @@ import pytest
 
 from sopkit.errors import UserError
 from sopkit.registry import check_options
-from sopkit.strategy import StrategySettings
+from sopkit.training.settings import StrategySettings
 
 
 def check(options: dict[str, str], selected: list[str]) -> None:

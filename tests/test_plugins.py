@@ -121,7 +121,8 @@ def test_requesting_a_broken_plugin_names_it_and_exits_2(installed: Path, tmp_pa
     with pytest.raises(UserError, match=r"'broken' from plugin sopkit-broken 0\.1"):
         create_strategy("broken", StrategySettings())
     # ... and every other strategy still loads.
-    assert create_strategy("smoothed", StrategySettings(options={"smoothing": "0.2"})).smoothing == 0.2
+    smoothed = create_strategy("smoothed", StrategySettings(options={"smoothing": "0.2"}))
+    assert smoothed.smoothing == 0.2  # type: ignore[attr-defined]
 
 
 def test_disabling_autoload_hides_every_plugin(installed: Path) -> None:
@@ -142,3 +143,43 @@ def test_a_fresh_interpreter_finds_the_plugin_on_pythonpath(plugin_dir: Path) ->
     )
     assert completed.returncode == 0, completed.stderr
     assert "smoothed" in completed.stdout and "sopkit-smoothing" in completed.stdout
+
+
+def test_a_plugin_written_against_the_first_round_api_still_trains() -> None:
+    """Hooks with their first-round names and signatures, a ``fit`` that wraps ``session.train`` and
+    adds to the result, and the first-round import paths (``sopkit.strategy``, ``sopkit.train``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from sopkit.data.splits import DataSplits, TensorSplit
+    from sopkit.models import mlp
+    from sopkit.strategy import Strategy
+    from sopkit.train import RunContext, TrainConfig, TrainingSession, TrainResult
+
+    class Smoothed(Strategy):
+        def __init__(self, settings: StrategySettings | None = None) -> None:
+            super().__init__(settings)
+            self.smoothing = self.settings.get("smoothing", 0.1)
+
+        def loss(self, model, inputs, targets, run: RunContext):  # type: ignore[no-untyped-def]
+            assert run.step < run.total_steps
+            return F.cross_entropy(model(inputs), targets, label_smoothing=self.smoothing)
+
+        def fit(self, session: TrainingSession) -> TrainResult:  # type: ignore[override]
+            result = session.train(self)
+            result.extra["wrapped"] = True
+            return result
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=generator)
+    split = TensorSplit(x, (x[:, 0] > 0).long())
+    session = TrainingSession(
+        DataSplits("tiny", (5,), 2, split, split, split), lambda: mlp((5,), 2, hidden=(8,)),
+        TrainConfig(epochs=1, batch_size=16), device=torch.device("cpu"),
+    )
+    result = Smoothed(StrategySettings(options={"smoothing": "0.2"})).fit(session)
+    assert result.extra == {"wrapped": True}
+    assert [record.step for record in result.curve] == [4]
+    # The default label smoothing of 0.1 trains differently: the option reached the loss.
+    plain = Smoothed().fit(session)
+    assert plain.curve[0].train_loss != result.curve[0].train_loss

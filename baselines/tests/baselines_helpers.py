@@ -8,8 +8,9 @@ import torch
 
 from sopkit.data import DataSplits, TensorSplit
 from sopkit.models import mlp
-from sopkit.strategy import StrategySettings
-from sopkit.train import TrainingSession, TrainResult
+from sopkit.training.loop import TrainingSession
+from sopkit.training.settings import StrategySettings
+from sopkit.training.types import TrainResult
 
 INPUTS, CLASSES = 12, 4
 
@@ -28,7 +29,7 @@ def tiny_model() -> torch.nn.Sequential:
     return mlp((INPUTS,), CLASSES, hidden=(16, 8))
 
 
-def settings(name: str, expansion: int = 3, **options: str) -> StrategySettings:
+def settings(name: str, *, expansion: int = 3, **options: str) -> StrategySettings:
     """Settings as ``sopkit compare`` builds them: all options, scoped to ``name``."""
     return StrategySettings(expansion, options, name)
 
@@ -40,6 +41,6 @@ class CountingSession(TrainingSession):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.runs: list[tuple[str, int]] = []
 
-    def _run(self, strategy, seed, config, label) -> TrainResult:  # type: ignore[no-untyped-def]
+    def _run(self, strategy, seed, config, label, **kwargs) -> TrainResult:  # type: ignore[no-untyped-def]
         self.runs.append((strategy.name, seed))
-        return super()._run(strategy, seed, config, label)
+        return super()._run(strategy, seed, config, label, **kwargs)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from baselines_helpers import CountingSession, tiny_data, tiny_model
 
-from sopkit.train import TrainConfig
+from sopkit.training.config import TrainConfig
 
 
 @pytest.fixture

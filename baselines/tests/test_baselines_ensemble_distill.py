@@ -1,5 +1,6 @@
 """The ensemble and distillation baselines: the KD loss against hand-computed values, members trained
-once per comparison (reused through the session), and costs reported for the method."""
+once per comparison (reused through the session), the teacher reaching the student's run through
+``requires`` and ``run.required``, and costs reported for the method."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from sopkit_baselines.ensemble import Ensemble, EnsembleModel, member_seed
 from torch import nn
 
 from sopkit.errors import UserError
-from sopkit.majority import count_parameters
+from sopkit.mk import count_parameters
 from sopkit.strategies.baseline import Baseline
+from sopkit.training.settings import StrategySettings
 
 # ---- the KD loss, golden values ---------------------------------------------------------------------
 
@@ -126,10 +128,40 @@ def test_distill_trains_no_member_twice_and_reports_the_teacher_apart(make_sessi
     assert session.runs[runs_before:] == [("distill", 2)]  # only the student
     assert result.extra["teacher_wall_time"] == pytest.approx(ensemble.wall_time)
     assert result.extra["teacher_test_accuracy"] == ensemble.test_accuracy
-    assert result.wall_time < result.wall_time + result.extra["teacher_wall_time"]
+    assert list(result.extra) == ["teacher_wall_time", "teacher_test_accuracy"]
     assert result.inference_params == count_parameters(tiny_model())
     # The cached members were put back in the mode they were in.
     assert all(m.training == ensemble.model.training for m in ensemble.model.modules())  # type: ignore[union-attr]
+
+
+def test_distill_declares_the_ensemble_members_as_the_trainings_its_run_requires() -> None:
+    required = Distillation(settings("distill")).requires(9)
+    assert list(required) == ["member 1", "member 2", "member 3"]
+    assert [r.seed for r in required.values()] == [member_seed(9, i) for i in range(3)]
+    assert all(r.strategy.name == "baseline" for r in required.values())
+    assert required["member 1"].label is None  # the comparison's own baseline run
+    long = Distillation(settings("distill", member="baseline-long")).requires(9)
+    assert {r.strategy.name for r in long.values()} == {"baseline-long"}
+
+
+def test_session_train_of_the_student_alone_trains_its_teacher_first(make_session) -> None:  # type: ignore[no-untyped-def]
+    session = make_session(seed=6)
+    student = session.train(Distillation(settings("distill")))
+    assert session.runs == [("baseline", 6), ("baseline", member_seed(6, 1)),
+                            ("baseline", member_seed(6, 2)), ("distill", 6)]
+    # The same as through fit, which is the default fit: one training of its own.
+    assert Distillation(settings("distill")).fit(session) is student
+
+
+def test_the_student_cannot_run_without_its_teacher() -> None:
+    from baselines_helpers import tiny_data
+
+    from sopkit.training.types import RunContext, TrainConfig
+
+    run = RunContext(0, TrainConfig(), torch.device("cpu"), tiny_data(),
+                     torch.Generator().manual_seed(0), steps_per_epoch=4)
+    with pytest.raises(RuntimeError, match="run.required"):
+        Distillation(settings("distill")).prepare(tiny_model(), run)
 
 
 def test_distill_first_trains_the_members_the_ensemble_then_reuses(make_session) -> None:  # type: ignore[no-untyped-def]
@@ -154,10 +186,22 @@ def test_a_bare_alpha_for_subset_is_not_refused_because_distill_would_reject_it(
     # Both read "alpha"; distill allows [0, 1], subset any alpha >= 0. With only subset selected,
     # distill is asked which keys it reads, and its objection to the value is not the user's.
     from sopkit.registry import check_options
-    from sopkit.strategy import StrategySettings
 
     check_options(StrategySettings(3, {"alpha": "2"}), ["subset"])
     with pytest.raises(UserError, match="distill.alpha must be in"):
         check_options(StrategySettings(3, {"alpha": "2"}), ["subset", "distill"])
     with pytest.raises(UserError, match="Did you mean 'temperature'"):
         check_options(StrategySettings(3, {"distill.temprature": "2"}), ["subset"])
+
+
+def test_sopkit_bench_leaves_ensemble_and_distill_untimed_and_names_their_members() -> None:
+    from baselines_helpers import tiny_data
+
+    from sopkit.bench.entries import ProbeSession, single_step_note
+    from sopkit.training.config import TrainConfig
+
+    probe = ProbeSession(tiny_data(), tiny_model, TrainConfig(), device=torch.device("cpu"))
+    expected = "not timed: trains several models (baseline first); its cost is their steps"
+    assert single_step_note(Ensemble(settings("ensemble")), probe) == expected
+    assert single_step_note(Distillation(settings("distill")), probe) == expected
+    assert single_step_note(Baseline(settings("baseline")), probe) is None

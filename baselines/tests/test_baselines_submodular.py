@@ -265,3 +265,24 @@ def test_greedy_picks_exactly_the_reference_rows_on_many_random_matrices() -> No
         rows = _rows(n, d, 1000 + seed)
         expected = reference_greedy(reference_graph(rows.numpy(), t), m)
         assert greedy_select(rows, m, neighbours=t).tolist() == expected, seed
+
+
+def test_inner_products_without_onednn_are_the_matmul() -> None:
+    """The fallback of sopkit.torch_private's ``mkldnn_linear`` probe: forced off, oneDNN's private
+    op is not called and the products equal the fast path's up to rounding (summation order)."""
+    from sopkit import torch_private
+
+    if not torch_private.usable("mkldnn_linear"):
+        pytest.skip("this torch has no working oneDNN matmul: the fallback is all there is")
+    generator = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(300, 3072, generator=generator), dim=1)
+    fast = inner_products(a, a)
+    calls: list[int] = []
+    original = torch_private.mkldnn_linear
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_private, "mkldnn_linear", lambda *args: calls.append(1) or original(*args))
+        patch.setenv(torch_private.ENV_OFF, "mkldnn_linear")
+        slow = inner_products(a, a)
+    assert calls == []
+    torch.testing.assert_close(slow, fast)
+    torch.testing.assert_close(slow, a @ a.T, rtol=0, atol=0)

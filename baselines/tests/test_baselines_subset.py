@@ -8,19 +8,41 @@ import torch
 import torch.nn.functional as F
 from baselines_helpers import settings, tiny_data, tiny_model
 from sopkit_baselines.submodular import cosine_similarities
-from sopkit_baselines.subset import SubsetMLP, SubsetSelection, _Entries, _normalise_rows_
+from sopkit_baselines.subnetwork import SubsetMLP, _Entries, _normalise_rows_
+from sopkit_baselines.subset import SubsetSelection
 from torch import nn
 
 from sopkit.errors import UserError
-from sopkit.majority import count_parameters
+from sopkit.mk import count_parameters
 from sopkit.models import build_model, mlp
-from sopkit.train import RunContext, TrainConfig, make_optimizer
+from sopkit.training.optim import make_optimizer
+from sopkit.training.types import RunContext, TrainConfig
 
 
 def _run(config: TrainConfig, seed: int = 0) -> RunContext:
     data = tiny_data()
     return RunContext(seed, config, torch.device("cpu"), data,
                       torch.Generator().manual_seed(seed), steps_per_epoch=4)
+
+
+def _frozen_masks(model: SubsetMLP) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every parameter with entries outside the current sub-network, and a mask of them (shaped
+    like the wide tensor, also while a step has the sub-network swapped in)."""
+    wide = {id(swapped.parameter): swapped.full for swapped in model._swapped}
+    masks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for parameter, rows, columns in model._used():
+        if rows is None and columns is None:
+            continue
+        shape = wide.get(id(parameter), parameter).shape
+        mask = torch.ones(shape, dtype=torch.bool, device=parameter.device)
+        if rows is not None and columns is not None:
+            mask[rows[:, None], columns[None, :]] = False
+        elif rows is not None:
+            mask[rows] = False
+        else:
+            mask[:, columns] = False
+        masks.append((parameter, mask))
+    return masks
 
 
 def _train_step(
@@ -31,7 +53,8 @@ def _train_step(
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> None:
-    """The loop's step after ``before_step`` (tests check the selection in between)."""
+    """The loop's step after ``before_step`` (``TrainingState.step``; tests check the selection in
+    between)."""
     loss = strategy.loss(model, x, y, run)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -61,7 +84,7 @@ def test_the_compact_network_is_the_baseline_architecture_and_computes_the_selec
     run = _run(TrainConfig())
     wide = strategy.prepare(base, run)
     assert isinstance(wide, SubsetMLP)
-    strategy.before_step(wide, run)
+    wide.select()
     compact = wide.compact()
     assert [type(m) for m in compact] == [type(m) for m in base]
     assert {k: v.shape for k, v in compact.state_dict().items()} == {
@@ -105,18 +128,22 @@ def test_unchosen_neurons_do_not_change_in_a_step_not_even_through_optimizer_sta
     for _ in range(8):
         x = torch.randn(32, 12, generator=generator)
         y = torch.randint(0, 4, (32,), generator=generator)
+        # The wide tensors and state before the step (before_step swaps the sub-network in).
+        before = {p: p.detach().clone() for p in model.parameters()}
+        wide_state = {
+            p: {k: v.clone() for k, v in optimizer.state.get(p, {}).items() if v.shape == p.shape}
+            for p in model.parameters()
+        }
         strategy.before_step(model, run)
-        masks = model.frozen_masks()
-        before = [p.detach().clone() for p, _ in masks]
-        state_before = [
-            {k: v.clone() for k, v in optimizer.state.get(p, {}).items() if v.shape == p.shape}
-            for p, _ in masks
-        ]
+        masks = _frozen_masks(model)
+        assert masks and all(p.shape != mask.shape for p, mask in masks)  # swapped in
         chosen = set(model.selected[0].tolist())
         reselected_with_momentum += len(seen - chosen)  # had state, now unchosen: the hard case
         seen |= chosen
         _train_step(strategy, model, run, optimizer, x, y)
-        for (parameter, mask), old, old_state in zip(masks, before, state_before, strict=True):
+        for parameter, mask in masks:
+            old, old_state = before[parameter], wide_state[parameter]
+            assert parameter.grad is None and parameter.shape == mask.shape  # swapped back
             assert torch.equal(parameter[mask], old[mask]), "an unchosen entry moved"
             assert not torch.equal(parameter[~mask], old[~mask]), "the chosen entries did not train"
             for key, value in optimizer.state[parameter].items():
@@ -167,7 +194,7 @@ def _old_step(model: SubsetMLP, optimizer: torch.optim.Optimizer, x: torch.Tenso
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     frozen = []
-    for parameter, mask in model.frozen_masks():
+    for parameter, mask in _frozen_masks(model):
         state = optimizer.state.get(parameter, {})
         shaped = {k: v.clone() for k, v in state.items() if v.shape == parameter.shape}
         frozen.append((parameter, mask, parameter.detach().clone(), shaped))
@@ -221,7 +248,7 @@ def test_the_kept_first_layer_similarities_are_those_of_the_current_weights(inpu
     run.optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(6)
     for step in range(6):
-        strategy.before_step(model, run)  # uses (and updates) the kept similarities
+        model.choose()  # what before_step does first: uses (and updates) the kept similarities
         kept = model._similarities
         assert kept is not None
         unit = F.normalize(model.linears[0].weight.detach(), dim=1)
@@ -234,6 +261,7 @@ def test_the_kept_first_layer_similarities_are_those_of_the_current_weights(inpu
         assert all(torch.equal(a, b) for a, b in zip(cached, model.choose(), strict=True))
         x = torch.randn(32, inputs, generator=generator)
         y = torch.randint(0, 4, (32,), generator=generator)
+        strategy.before_step(model, run)
         _train_step(strategy, model, run, run.optimizer, x, y)
     # A change made outside the strategy's steps is noticed: the similarities are recomputed.
     with torch.no_grad():
@@ -253,9 +281,9 @@ def test_a_matmul_that_rounds_row_blocks_differently_is_caught_and_the_matrix_re
     # float64; oneDNN without AVX2), updating only the changed rows would make the kept matrix,
     # and so the selection, depend on the cache's history. A stand-in for such a matmul: one ulp
     # off whenever it multiplies fewer rows than the whole.
-    from sopkit_baselines import subset
+    from sopkit_baselines import subnetwork
 
-    exact = subset.inner_products
+    exact = subnetwork.inner_products
 
     def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         product = exact(a, b)
@@ -263,7 +291,7 @@ def test_a_matmul_that_rounds_row_blocks_differently_is_caught_and_the_matrix_re
             product = torch.nextafter(product, torch.full_like(product, torch.inf))
         return product
 
-    monkeypatch.setattr(subset, "inner_products", matmul)
+    monkeypatch.setattr(subnetwork, "inner_products", matmul)
     torch.manual_seed(5)
     strategy = SubsetSelection(settings("subset"))
     run = _run(TrainConfig(optimizer="adam", lr=0.05))

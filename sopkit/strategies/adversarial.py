@@ -56,11 +56,11 @@ Two choices the paper leaves open, and what this module does:
 Cost: two forward and two backward passes per step (the paper's "calculating the gradient twice").
 A model with batch normalisation updates its running statistics in both forward passes. Everything
 between the two passes is element-wise over the ``e x N`` copies; with the ``"compiled"`` sampler
-(:mod:`sopkit.compiled`) it runs as three compiled kernels: a reduction for the L2 norm, the ascent
-and projection, then the KL weight, random draw, dilution and mixing, writing ``w`` and ``p``.
-Unfused, this element-wise work took most of the step (8.4 times a baseline step on mlp-a3 against
-2.6-2.8 now; BENCHMARKS.md). Other samplers take the reference path: the functions below applied to
-whole ``(e, N)`` tensors, which the tests compare the fused kernels with.
+(:mod:`sopkit.mk.compiled`) it runs as three compiled kernels: a reduction for the L2 norm, the
+ascent and projection, then the KL weight, random draw, dilution and mixing, writing ``w`` and
+``p``. Unfused, this element-wise work took most of the step (BENCHMARKS.md). Other samplers take
+the reference path: the functions below applied to whole ``(e, N)`` tensors, which the tests compare
+the fused kernels with.
 """
 
 from __future__ import annotations
@@ -68,27 +68,24 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from sopkit import compiled
 from sopkit.errors import UserError
-from sopkit.majority import (
+from sopkit.mk import (
     MajorityKernels,
     MixingDraw,
+    compiled,
     find_majority,
     fixed_weights,
     pooled_buffer,
 )
 from sopkit.strategies.majority import MajorityKernelsStrategy
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from sopkit.strategy import StrategySettings
-    from sopkit.train import RunContext, TrainingSession, TrainResult
+from sopkit.training.settings import StrategySettings
+from sopkit.training.types import RunContext
 
 __all__ = [
     "GRAD_SCALES",
@@ -260,8 +257,8 @@ def _squared_norm(copies: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
 
 
 # The fused mixing is two compiled kernels, not one: compiled as one loop, ascent, projection, KL
-# weight, draw and mixing ran slower (7.4 ms for mlp-a3 at one thread) than the same work split
-# after the projection (2.1 ms + 3.2 ms), although the split writes and reads p once more.
+# weight, draw and mixing ran slower than the same work split after the projection, although the
+# split writes and reads p once more (BENCHMARKS.md, the adv-mk kernels).
 
 
 def _ascend_into(
@@ -388,20 +385,6 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         if not (math.isfinite(self.eps) and self.eps >= 0):
             raise UserError(f"Option {self.name}.eps must be a finite number >= 0, got {self.eps}.")
         self.grad_scale = self.settings.get("grad_scale", "l2", choices=GRAD_SCALES)
-        # Sum of the per-step mean u of the run in progress, kept on the device (no per-step sync).
-        self._u_sum: torch.Tensor | None = None
-        self._steps = 0
-
-    def _fit(self, session: TrainingSession) -> TrainResult:
-        result = session.train(self)
-        if self._u_sum is not None and self._steps:
-            result.extra.setdefault("mean_u", self._u_sum.item() / self._steps)
-            self._u_sum = None
-        return result
-
-    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
-        self._u_sum, self._steps = None, 0
-        return super().prepare(model, run)
 
     def loss(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, run: RunContext
@@ -410,15 +393,16 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         if holder is None:  # prepare() expands; a model that is not expanded is a wiring bug
             raise RuntimeError(f"{self.name}: the model is not expanded; was prepare() skipped?")
         grad_w, _ = virtual_gradient(model, holder, inputs, targets)
-        # The random draw comes from the same generator and call as plain MK's, so with eps = 0
-        # this strategy takes exactly MK's steps.
+        # The random draw is the next of the model's mixing stream, the one plain MK's training
+        # forward would take, so with eps = 0 this strategy takes exactly MK's steps.
         draw = holder.draw() if self.random_mixing else None
-        # What the result records; B.1 draws nothing but its path still depends on the sampler.
-        holder.last_sampler = holder.resolved_sampler()
         weights, mean_u = adversarial_weights(
             holder, grad_w, self.eps, grad_scale=self.grad_scale, draw=draw
         )
-        self._record(mean_u)
+        # The run's sum of the per-step mean u, kept on the device (no per-step sync).
+        state, mean = run.state, mean_u.detach()
+        state.u_sum = mean if getattr(state, "u_sum", None) is None else state.u_sum + mean
+        state.u_steps = getattr(state, "u_steps", 0) + 1
         with fixed_weights(model, weights):
             return F.cross_entropy(model(inputs), targets)
 
@@ -431,10 +415,16 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         random_p = holder.sample() if self.random_mixing else None
         return adversarial_mixing(grad_p, self.eps, grad_scale=self.grad_scale, random_p=random_p)
 
-    def _record(self, mean_u: torch.Tensor) -> None:
-        mean = mean_u.detach()
-        self._u_sum = mean if self._u_sum is None else self._u_sum + mean
-        self._steps += 1
+    def report(self, model: nn.Module, run: RunContext) -> dict[str, Any]:
+        """The run's mean ``u`` (``extra["mean_u"]``) and the sampler its mixings depended on (B.1
+        draws no random mixing, but its path still depends on the sampler)."""
+        holder = find_majority(model)
+        if holder is None or not getattr(run.state, "u_steps", 0):
+            return {}
+        return {
+            "mean_u": run.state.u_sum.item() / run.state.u_steps,
+            "mk_sampler": holder.resolved_sampler(),
+        }
 
 
 class AdversarialOnlyMajorityKernels(AdversarialMajorityKernels):

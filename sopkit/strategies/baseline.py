@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-from sopkit.strategy import Strategy
-
-if TYPE_CHECKING:
-    from sopkit.train import TrainConfig
+from sopkit.training.config import TrainConfig
+from sopkit.training.settings import StrategySettings
+from sopkit.training.strategy import Strategy
 
 
 class Baseline(Strategy):
@@ -26,7 +24,7 @@ class BaselineLong(Baseline):
 
     description = "The baseline trained long_factor (default 3) times as many epochs."
 
-    def __init__(self, settings=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: StrategySettings | None = None) -> None:
         super().__init__(settings)
         self.long_factor = self.settings.get("long_factor", 3.0)
 

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
+
+from torch import nn
 
 from sopkit.errors import UserError
-from sopkit.majority import DEFAULT_INIT, INIT_MODES, SAMPLERS, collapse, expand, find_majority
-from sopkit.strategy import Strategy, StrategySettings
+from sopkit.mk import (
+    DEFAULT_INIT,
+    INIT_MODES,
+    SAMPLERS,
+    collapse,
+    derive_seed,
+    expand,
+    find_majority,
+)
+from sopkit.training.settings import StrategySettings
+from sopkit.training.strategy import Strategy
+from sopkit.training.types import RunContext
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from sopkit.train import RunContext, TrainingSession, TrainResult
+#: The tag that derives the seed ``expand`` gets (copies and mixing stream) from the run's seed.
+MK_SEED_TAG = "sopkit.strategies.mk"
 
 
 class MajorityKernelsStrategy(Strategy):
     """Every weight is a Dirichlet-weighted average of ``e`` copies while training, their mean after.
 
     Options: ``init`` (variance-preserving (default), independent, replicate) and ``sampler`` (how
-    ``p`` is drawn, see ``sopkit.majority.SAMPLERS``; ``auto`` by default). Samplers draw the same
+    ``p`` is drawn, see ``sopkit.mk.SAMPLERS``; ``auto`` by default). Samplers draw the same
     distribution from different bits, so a result records the one it used (``extra["mk_sampler"]``).
     """
 
@@ -28,21 +38,13 @@ class MajorityKernelsStrategy(Strategy):
         super().__init__(settings)
         self.init = self.settings.get("init", DEFAULT_INIT, choices=INIT_MODES)
         self.sampler = self.settings.get("sampler", "auto", choices=SAMPLERS)
-        self._sampler_used: str | None = None
-
-    def fit(self, session: TrainingSession) -> TrainResult:
-        self._sampler_used = None
-        result = self._fit(session)
-        if self._sampler_used is not None:
-            result.extra.setdefault("mk_sampler", self._sampler_used)
-        return result
-
-    def _fit(self, session: TrainingSession) -> TrainResult:
-        """The training proper (subclasses add to it); ``fit`` adds what every MK result records."""
-        return session.train(self)
 
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
-        expanded = expand(model, self.expansion, init=self.init, inplace=True)
+        # The copies and the mixing stream come from the run's seed (hashed with a tag, so not the
+        # number the loop seeds torch with): what else consumes torch's generator cannot change
+        # them, and every data-parallel rank of a trial draws the same p.
+        seed = derive_seed(run.seed, MK_SEED_TAG)
+        expanded = expand(model, self.expansion, init=self.init, seed=seed, inplace=True)
         holder = find_majority(expanded)
         assert holder is not None
         holder.sampler = self.sampler
@@ -53,7 +55,11 @@ class MajorityKernelsStrategy(Strategy):
         return expanded
 
     def deployable(self, model: nn.Module, run: RunContext) -> nn.Module:
-        holder = find_majority(model)
-        if holder is not None:
-            self._sampler_used = holder.last_sampler
         return collapse(model)
+
+    def report(self, model: nn.Module, run: RunContext) -> dict[str, Any]:
+        """The sampler the run's training mixings were drawn with (``extra["mk_sampler"]``)."""
+        holder = find_majority(model)
+        if holder is None or holder.last_sampler is None:
+            return {}
+        return {"mk_sampler": holder.last_sampler}

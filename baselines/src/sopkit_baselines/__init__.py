@@ -8,6 +8,7 @@ it):
   baselines with averaged probabilities; ``e`` times the inference parameters.
 * ``distill`` (:mod:`sopkit_baselines.distill`): DISTILLED-BASELINE, the baseline architecture
   trained with Hinton's KD loss from that ensemble.
-* ``subset`` (:mod:`sopkit_baselines.subset`, :mod:`sopkit_baselines.submodular`):
+* ``subset`` (:mod:`sopkit_baselines.subset`, :mod:`sopkit_baselines.subnetwork`,
+  :mod:`sopkit_baselines.submodular`):
   SUBSET-BASELINE, Appendix D's per-step submodular neuron selection, for MLPs.
 """

@@ -1,9 +1,12 @@
 """DISTILLED-BASELINE (paper Section 5): the baseline architecture trained to mimic the ensemble.
 
 The student is the baseline model trained with the knowledge-distillation loss of Hinton et al.
-(2015), :func:`kd_loss`, from the ensemble baseline as teacher. The teacher's members come from
-:func:`sopkit_baselines.ensemble.train_members`, so when the comparison also runs ``baseline`` and
-``ensemble`` for the same seed, no member is trained twice.
+(2015), :func:`kd_loss`, from the ensemble baseline as teacher. The student's run declares the
+teacher's members as the trainings it requires (``requires``, from
+:func:`sopkit_baselines.ensemble.member_requirements`): the session trains them first, or reuses them
+when the comparison also runs ``baseline`` and ``ensemble`` for the same seed, so no member is
+trained twice; the hooks read them as ``run.required``, and the loop keeps them in eval mode for the
+run. The teacher built from them lives in ``run.state``, not on the strategy.
 
 The teacher's "logits" are the ensemble's output, ``log(mean_k softmax(z_k))``: the student mimics
 exactly the predictor reported as ENSEMBLE-BASELINE, and ``softmax(t / T)`` sharpens or softens
@@ -22,19 +25,24 @@ and the student is trained on the same schedule as one of them.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from sopkit.errors import UserError
-from sopkit.strategy import Strategy, StrategySettings
-from sopkit_baselines.ensemble import MEMBER_KINDS, EnsembleModel, member_strategy, train_members
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from sopkit.train import RunContext, TrainConfig, TrainingSession, TrainResult
+from sopkit.training.loop import evaluate
+from sopkit.training.settings import StrategySettings
+from sopkit.training.strategy import Requirement, Strategy
+from sopkit.training.types import RunContext, TrainConfig
+from sopkit_baselines.ensemble import (
+    MEMBER_KINDS,
+    EnsembleModel,
+    member_requirements,
+    member_strategy,
+)
 
 __all__ = ["Distillation", "kd_loss"]
 
@@ -76,35 +84,41 @@ class Distillation(Strategy):
             )
         if not 0 <= self.alpha <= 1:
             raise UserError(f"Option {self.name}.alpha must be in [0, 1], got {self.alpha}.")
-        # The teacher of the training in progress (set by fit, read by loss).
-        self._teacher: EnsembleModel | None = None
 
     def schedule(self, config: TrainConfig) -> TrainConfig:
         # The student trains as long as a member does (BASELINE-LONG + KD in the paper's Section 5.2).
         return member_strategy(self.settings, self.member_kind).schedule(config)
 
-    def fit(self, session: TrainingSession) -> TrainResult:
-        members = train_members(session, self.settings, self.member_kind)
-        teacher = EnsembleModel([m.model for m in members if m.model is not None])
-        # The members are the cached results of other rows: put their modes back afterwards.
-        modes = {module: module.training for module in teacher.modules()}
-        self._teacher = teacher.eval()
-        try:
-            result = session.train(self)
-        finally:
-            self._teacher = None
-            for module, training in modes.items():
-                module.training = training
-        result.extra["teacher_wall_time"] = sum(m.wall_time for m in members)
-        result.extra["teacher_test_accuracy"] = session.evaluate(teacher, "test")
-        return result
+    def requires(self, seed: int) -> Mapping[str, Requirement]:
+        """The teacher's members: the ensemble's, for the same seed."""
+        return member_requirements(self.settings, self.member_kind, seed)
+
+    def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
+        members = [result.model for result in run.required.values() if result.model is not None]
+        if not members:
+            raise RuntimeError(
+                "distill needs its teacher's members in run.required; train it through "
+                "TrainingSession.train, which trains what requires() names first"
+            )
+        # The loop keeps the members in eval mode for the run; the wrapper follows them.
+        run.state.teacher = EnsembleModel(members).eval()
+        return model
 
     def loss(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, run: RunContext
     ) -> torch.Tensor:
-        if self._teacher is None:
-            raise RuntimeError("distill trains through fit(), which provides the teacher")
         with torch.no_grad():
-            teacher_logits = self._teacher(inputs)
+            teacher_logits = run.state.teacher(inputs)
         return kd_loss(model(inputs), teacher_logits, targets,
                        temperature=self.temperature, alpha=self.alpha)
+
+    def report(self, model: nn.Module, run: RunContext) -> dict[str, Any]:
+        """The teacher's cost (its members' training time, reused or not) and its accuracy."""
+        teacher_accuracy = evaluate(
+            run.state.teacher, run.data.test,
+            batch_size=run.config.eval_batch_size, bf16=run.config.bf16,
+        )
+        return {
+            "teacher_wall_time": sum(result.wall_time for result in run.required.values()),
+            "teacher_test_accuracy": teacher_accuracy,
+        }

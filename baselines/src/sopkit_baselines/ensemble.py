@@ -1,11 +1,13 @@
 """ENSEMBLE-BASELINE (paper Section 5): ``e`` independently trained baselines, probabilities averaged.
 
 The members are ordinary trainings of the ``baseline`` strategy (or ``baseline-long``, as the paper's
-ImageNet protocol uses; option ``member``) through ``session.train``. Member 0 trains with the
+ImageNet protocol uses; option ``member``) through ``session.train``: the ensemble has no training of
+its own, so it overrides ``fit`` to combine them. Member 0 trains with the
 comparison's own seed and the same strategy settings as the comparison's ``baseline`` row, so the
 session returns that very training instead of repeating it; the other members use seeds derived from
 the comparison's seed (:func:`member_seed`). The distilled baseline builds its teacher with the same
-function, so a comparison that runs ``baseline``, ``ensemble`` and ``distill`` trains each member once.
+function (:func:`member_requirements`, which distill declares as its ``requires``), so a comparison
+that runs ``baseline``, ``ensemble`` and ``distill`` trains each member once.
 
 What is reported is the cost of the method, not of this process: the wall time is the sum of every
 member's training time, reused ones included; the train and inference parameter counts are the sums
@@ -18,21 +20,18 @@ import hashlib
 import math
 import statistics
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sopkit.majority import count_parameters
+from sopkit.mk import count_parameters
 from sopkit.strategies.baseline import Baseline, BaselineLong
-from sopkit.strategy import Strategy, StrategySettings
-from sopkit.train import TrainResult
+from sopkit.training.settings import StrategySettings
+from sopkit.training.strategy import Requirement, Session, Strategy
+from sopkit.training.types import TrainResult
 
-if TYPE_CHECKING:
-    from sopkit.train import TrainingSession
-
-__all__ = ["MEMBER_KINDS", "Ensemble", "EnsembleModel", "member_seed", "train_members"]
+__all__ = ["MEMBER_KINDS", "Ensemble", "EnsembleModel", "member_requirements", "member_seed"]
 
 #: The strategies an ensemble can be made of, by the name they are registered under in sopkit.
 MEMBER_KINDS: dict[str, type[Baseline]] = {"baseline": Baseline, "baseline-long": BaselineLong}
@@ -60,17 +59,18 @@ def member_strategy(settings: StrategySettings, kind: str) -> Baseline:
     return MEMBER_KINDS[kind](StrategySettings(settings.expansion, settings.options, kind))
 
 
-def train_members(session: TrainingSession, settings: StrategySettings, kind: str) -> list[TrainResult]:
-    """Train (or reuse) the ``settings.expansion`` members of the ensemble for ``session.seed``."""
+def member_requirements(settings: StrategySettings, kind: str, seed: int) -> dict[str, Requirement]:
+    """The ``settings.expansion`` member trainings of the ensemble for the comparison seed ``seed``,
+    in order, named ``member 1``, ``member 2``..."""
     strategy = member_strategy(settings, kind)
     count = settings.expansion
-    results = []
+    members = {}
     for index in range(count):
-        seed = member_seed(session.seed, index)
+        member = member_seed(seed, index)
         # Member 0 keeps the default label: it is the comparison's own baseline run.
-        label = None if index == 0 else f"{kind} ensemble member {index + 1}/{count} (seed {seed})"
-        results.append(session.train(strategy, seed=seed, label=label))
-    return results
+        label = None if index == 0 else f"{kind} ensemble member {index + 1}/{count} (seed {member})"
+        members[f"member {index + 1}"] = Requirement(strategy, member, label)
+    return members
 
 
 class EnsembleModel(nn.Module):
@@ -107,8 +107,10 @@ class Ensemble(Strategy):
         """The deployable model holds every member: ``e`` times the baseline's parameters."""
         return self.expansion
 
-    def fit(self, session: TrainingSession) -> TrainResult:
-        members = train_members(session, self.settings, self.member_kind)
+    def fit(self, session: Session) -> TrainResult:
+        """Train (or reuse) the members and report the ensemble they form."""
+        needed = member_requirements(self.settings, self.member_kind, session.seed).values()
+        members = [session.train(m.strategy, seed=m.seed, label=m.label) for m in needed]
         model = EnsembleModel([member.model for member in members if member.model is not None])
         diverged = [m.diverged_at_step for m in members if m.diverged_at_step is not None]
         return TrainResult(

@@ -40,13 +40,14 @@ Two implementations, one result:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sopkit import torch_private
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -75,7 +76,7 @@ def cosine_similarities(rows: torch.Tensor) -> torch.Tensor:
 
     One matmul of the unit rows with their transpose (:func:`inner_products`). Every entry is one
     dot product of two unit rows, computed the same way whichever rows are in the matmul (which
-    :class:`sopkit_baselines.subset.SubsetMLP` relies on to recompute only the rows that changed),
+    :class:`sopkit_baselines.subnetwork.SubsetMLP` relies on to recompute only the rows that changed),
     and the matrix is symmetric (the tests check both for float32 on the CPU).
     """
     unit = F.normalize(rows, dim=1)
@@ -87,40 +88,27 @@ def inner_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     For float32 on the CPU this goes through oneDNN's matmul when torch has it. torch's own
     float32 matmul calls MKL, which takes its AVX2 code on AMD processors; oneDNN picks its code by
-    instruction set, and on the AVX-512 machine of BENCHMARKS.md (AMD Zen 5) it computed the subset
-    baseline's ``400 x 1200 x 3072`` similarity update in 14.5 ms against MKL's 31 ms (1 thread).
+    instruction set, about twice as fast there (BENCHMARKS.md, item 7).
     The products are the same, summed in another order, so entries differ from MKL's by rounding
     (an ulp or so). Within oneDNN a block of rows is rounded exactly as in the whole matrix, except
     that one row alone takes its matrix-vector code, which rounds differently: a single row is
     therefore computed as two. Everywhere else (other dtypes and devices, autograd, a torch
     without oneDNN or with ``torch.backends.mkldnn.enabled = False``) this is ``a @ b.T``.
+
+    oneDNN's matmul is a private torch op: it is reached through :mod:`sopkit.torch_private`
+    (entry ``mkldnn_linear``), whose probe checks once per process that it exists and computes
+    ``a @ b.T``; where it does not, or with ``SOPKIT_TORCH_PRIVATE_OFF=mkldnn_linear``, this is
+    ``a @ b.T`` too.
     """
     if not (a.device.type == b.device.type == "cpu" and a.dtype == b.dtype == torch.float32
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-            and torch.backends.mkldnn.enabled and _onednn_matmul_works()):
+            and torch.backends.mkldnn.enabled and torch_private.usable("mkldnn_linear")):
         return a @ b.T
     count = a.shape[0]
     if count == 1:
         a = a.expand(2, -1)
-    product = torch.ops.mkldnn._linear_pointwise(
-        a.contiguous(), b.contiguous(), None, "none", [], ""
-    )
+    product = torch_private.mkldnn_linear(a.contiguous(), b.contiguous())
     return product[:count]
-
-
-@functools.cache
-def _onednn_matmul_works() -> bool:
-    """Whether this torch has oneDNN's matmul (``mkldnn._linear_pointwise``) and it computes
-    ``a @ b.T`` (checked once per process on a small product)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        a = torch.arange(6.0).reshape(2, 3)
-        b = torch.arange(12.0).reshape(4, 3) - 5
-        product = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    return bool(torch.equal(product, a @ b.T))
 
 
 def tnn_edges(
@@ -150,7 +138,7 @@ def _topk(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     On the CPU, torch takes a row's top ``k`` with a heap when the row has at least ``64 k``
     entries and with ``nth_element`` otherwise, which for ``k = 10`` is two to three times slower
-    per row (600 x 600: 3.0 ms against 1.2 ms). Shorter rows are padded with ``-inf`` to ``64 k``
+    per row (BENCHMARKS.md). Shorter rows are padded with ``-inf`` to ``64 k``
     entries, which never are among the top ``k`` (every row has ``k`` finite entries), to take the
     heap path.
     """

@@ -2,14 +2,14 @@
 one compiled CPU kernel.
 
 Why. On the CPU the overhead of an MK step was mostly drawing ``p`` (BENCHMARKS.md): numpy's SFC64
-is a sequential generator, so its bits come from one core (~5 ms per mlp-a3 step inside a training
-loop), ``p`` is written to memory, read again by the mixing and kept for backward. Here the bits of
+is a sequential generator, so its bits come from one core per block, ``p`` is written to memory,
+read again by the mixing and kept for backward. Here the bits of
 weight element ``i`` are a function of ``(seed, i)`` alone (a counter-based generator), so every
 thread can compute any element, and ``torch.compile`` (inductor) turns bits -> uniforms -> spacings
 -> ``w = sum_k p_k copies_k`` into one vectorised loop over torch's OpenMP threads. Forward reads the
 copies and writes ``w``; backward computes the same ``p`` again and writes ``p_k * grad w``. ``p`` is
 never stored and nothing shaped like the copies is kept for backward: the CPU twin of the Triton
-kernel in :mod:`sopkit.majority`.
+kernel in :mod:`sopkit.mk.triton`.
 
 The bits are SplitMix64 (Steele, Lea and Flood, OOPSLA 2014; the generator behind Java's
 ``SplittableRandom``, which passes TestU01's BigCrush): output ``c`` of the stream seeded with the
@@ -26,10 +26,11 @@ logical right shift is an arithmetic one masked to its low ``64 - s`` bits. A te
 against a big-integer reference.
 
 The functions below are ordinary torch code: uncompiled they are the reference the tests compare the
-compiled kernels with (bit for bit), and far too slow to train with (~60 ms per mlp-a3 draw).
-Compilation needs a C++ compiler and takes seconds once per process and expansion (inductor caches
-the generated code on disk between processes); :func:`available` tries it once and says whether it
-worked, so that a machine without a compiler falls back to the ``"sfc64"`` sampler.
+compiled kernels with (bit for bit), and far too slow to train with. Compilation needs a C++
+compiler and takes seconds once per process and expansion (inductor caches the generated code on
+disk between processes); :func:`available` tries it once and says whether it worked, so that a
+machine without a compiler, or a torch whose inductor generates wrong code, falls back to the
+``"sfc64"`` sampler. This is the ``"inductor"`` entry of :mod:`sopkit.torch_private`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from sopkit import torch_private
 
 __all__ = [
     "available",
@@ -147,10 +150,9 @@ def mixing_p(key: torch.Tensor, numel: int, expansion: int) -> torch.Tensor:
 
 
 # What the kernels compile: the functions above, written into buffers the caller provides. A fresh
-# multi-megabyte output page-faults in on its first write, every step (the copies' gradient cost
-# 5.3 ms that way against 0.75 ms into a reused buffer, mlp-a3, one thread); and an (e, N) result
-# built by torch.stack compiles to one loop per row, each recomputing p, where e separate row
-# outputs compile to a single loop.
+# multi-megabyte output page-faults in on its first write, every step (sopkit.mk.buffers); and an
+# (e, N) result built by torch.stack compiles to one loop per row, each recomputing p, where e
+# separate row outputs compile to a single loop.
 
 
 def mix_forward_into(w: torch.Tensor, copies: torch.Tensor, key: torch.Tensor) -> None:
@@ -195,26 +197,28 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(previous)
 
 
+@functools.cache
 def _compiler_found() -> bool:
     candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
     return any(name and shutil.which(name) for name in candidates)
 
 
-@functools.cache
 def available(expansion: int) -> bool:
     """Whether the compiled kernels work here for this expansion (tried once per process).
 
     Needs torch.compile support for this Python and a C++ compiler. The forward kernel is compiled
-    and checked against the uncompiled function on a small input; if anything fails, a warning says
-    why and the caller uses another sampler.
+    and checked against the uncompiled function on a small input; if anything fails (torch.compile
+    raises on a Python it does not support), a warning says why and the caller uses another
+    sampler. Forced off with ``SOPKIT_TORCH_PRIVATE_OFF=inductor`` (see :mod:`sopkit.torch_private`).
     """
-    if not _compiler_found():
+    if not torch_private.enabled("inductor") or not _compiler_found():
         return False
-    try:
-        import torch._dynamo
+    return _compiles(expansion)
 
-        if not torch._dynamo.is_dynamo_supported():
-            return False
+
+@functools.cache
+def _compiles(expansion: int) -> bool:
+    try:
         # Compiling imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on a
         # CPU machine with a CUDA toolkit directory: true, and irrelevant to a CPU kernel.
         with _quiet("torch.utils.cpp_extension"):

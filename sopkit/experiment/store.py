@@ -1,33 +1,38 @@
 """Trials kept in an embedded SQLite database, so that a comparison never loses a finished result.
 
-One row per trial (a strategy trained once with one seed and one learning rate on one data set, model
-and optimizer), written in ONE transaction when the trial ends. A process killed at any moment
+One row per trial, written in ONE transaction when the trial ends. A process killed at any moment
 (SIGKILL included) leaves every finished trial and a consistent file: SQLite's journal makes each
 commit atomic. Running the same comparison again skips finished trials (``finished`` or
 ``diverged``) and runs the rest. Several processes may write one database at once: WAL mode lets
 readers proceed while one writer commits, and the busy timeout makes writers wait their turn.
+
+The database records its schema version. Opening one written by a newer sopkit is refused (the
+user's to fix: upgrade); one written by an older sopkit is migrated on open, in the transaction
+that takes the write lock, so concurrent openers migrate it once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from sopkit.errors import UserError
+from sopkit.experiment.records import DIVERGED, FINISHED, TrialRecord, TrialSpec
 
 DATABASE_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
-FINISHED = "finished"
-DIVERGED = "diverged"
+# MIGRATIONS[n] turns a schema-n database into schema n + 1, inside the open transaction (it must
+# not COMMIT). Schema 1 is the first one, so there is none yet; bump SCHEMA_VERSION with each.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 
+# The current schema, for a new database (an existing one reaches it through MIGRATIONS).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
@@ -47,45 +52,8 @@ CREATE TABLE IF NOT EXISTS trials (
 """
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    """Everything that defines one trial; equal specs are the same trial (and resume skips it)."""
-
-    dataset: str
-    model: str
-    optimizer: str
-    strategy: str
-    seed: int
-    lr: float
-    train: Mapping[str, Any]  # the TrainConfig as a dict (epochs, batch size, schedule, ...)
-    expansion: int
-    options: Mapping[str, str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "dataset": self.dataset,
-            "model": self.model,
-            "optimizer": self.optimizer,
-            "strategy": self.strategy,
-            "seed": self.seed,
-            "lr": self.lr,
-            "train": dict(self.train),
-            "expansion": self.expansion,
-            "options": dict(sorted(self.options.items())),
-        }
-
-    @property
-    def key(self) -> str:
-        canonical = json.dumps(self.as_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:24]
-
-
 def _json(value: Any) -> str:
-    return json.dumps(value, default=_jsonable, allow_nan=False, sort_keys=True)
-
-
-def _jsonable(value: object) -> object:
-    return str(value)
+    return json.dumps(value, default=str, allow_nan=False, sort_keys=True)
 
 
 def _finite(value: Any) -> Any:
@@ -112,17 +80,13 @@ class TrialStore:
         try:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=NORMAL")
-            with self._transaction():
-                # executescript would COMMIT on its own; run the statements inside our transaction.
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._connection.execute(statement)
-                self._connection.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
+            self._prepare()
         except sqlite3.DatabaseError as error:
+            self._connection.close()
             raise UserError(f"{path} is not a sopkit results database: {error}.") from None
+        except BaseException:
+            self._connection.close()
+            raise
 
     @classmethod
     def open_existing(cls, directory: Path) -> TrialStore:
@@ -135,6 +99,70 @@ class TrialStore:
             )
         return cls(path)
 
+    def __enter__(self) -> TrialStore:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- schema ---------------------------------------------------------------------------------
+
+    def _stored_version(self) -> int | None:
+        """The schema version in the file; None for a new (empty) database."""
+        has_meta = self._connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        row = None
+        if has_meta:
+            row = self._connection.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+        if row is not None:
+            return int(row[0])
+        tables = self._connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+        if tables:
+            raise UserError(
+                f"{self.path} is not a sopkit results database: it has no schema version."
+            )
+        return None
+
+    def _check_not_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path} has results schema version {version}, but this sopkit reads schema "
+                f"version {SCHEMA_VERSION} (and older ones). It was written by a newer sopkit: "
+                "upgrade sopkit to resume it or report it."
+            )
+
+    def _prepare(self) -> None:
+        """Create a new database, or check an existing one's version and migrate it if older."""
+        version = self._stored_version()
+        if version == SCHEMA_VERSION:
+            return  # the common case: no write lock taken
+        if version is not None:
+            self._check_not_newer(version)
+        with self._transaction():
+            # Again under the write lock: another process may have created or migrated it since.
+            version = self._stored_version()
+            if version is None:
+                # One statement at a time: executescript would COMMIT on its own.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._connection.execute(statement)
+            else:
+                self._check_not_newer(version)
+                while version < SCHEMA_VERSION:
+                    MIGRATIONS[version](self._connection)
+                    version += 1
+            self._connection.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         # BEGIN IMMEDIATE takes the write lock up front, so two writers queue instead of deadlocking.
@@ -145,6 +173,8 @@ class TrialStore:
             self._connection.execute("ROLLBACK")
             raise
         self._connection.execute("COMMIT")
+
+    # ---- plan and trials ------------------------------------------------------------------------
 
     def write_plan(self, plan: Mapping[str, Any]) -> None:
         """Remember the latest comparison plan run into this database (reports describe it)."""
@@ -165,7 +195,10 @@ class TrialStore:
     def record(
         self, spec: TrialSpec, result: Mapping[str, Any], provenance: Mapping[str, Any]
     ) -> None:
-        """Store one finished trial in one transaction (replacing an older record of it)."""
+        """Store one finished trial in one transaction (replacing an older record of it).
+
+        ``result`` is ``TrainResult.to_record()``: the fields a ``TrialRecord`` reads back.
+        """
         status = DIVERGED if result.get("diverged_at_step") is not None else FINISHED
         row = (
             spec.key,
@@ -193,25 +226,18 @@ class TrialStore:
                     raise
                 time.sleep(1.0 + attempt)
 
-    def trials(self) -> list[dict[str, Any]]:
-        """Every stored trial as a flat record: the spec, status, result and provenance."""
+    def trials(self) -> list[TrialRecord]:
+        """Every stored trial, in the order they finished."""
         rows = self._connection.execute(
             "SELECT key, status, spec, result, provenance, finished_at FROM trials "
             "ORDER BY finished_at"
         ).fetchall()
-        records = []
-        for key, status, spec, result, provenance, finished_at in rows:
-            records.append(
-                {
-                    "key": key,
-                    "status": status,
-                    **json.loads(spec),
-                    **json.loads(result),
-                    "provenance": json.loads(provenance),
-                    "finished_at": finished_at,
-                }
+        return [
+            TrialRecord.from_stored(
+                key, status, json.loads(spec), json.loads(result), json.loads(provenance), finished
             )
-        return records
+            for key, status, spec, result, provenance, finished in rows
+        ]
 
     def close(self) -> None:
         self._connection.close()

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import TaskID
 
-    from sopkit.train import EpochRecord, TrainResult
+    from sopkit.training.types import EpochRecord, TrainResult
 
 
 class Progress(Protocol):

@@ -15,11 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sopkit.experiment.records import TrialRecord
+
 REFERENCE_STRATEGY = "baseline"  # what every paired difference and step-time ratio is against
-# The paper's learning-rate grids (Section 5.1): base * 1.5^i for i in [-4, 5]; the bases are also
-# the default rates when no grid is given.
-PAPER_LR_BASE = {"adam": 0.001, "sgd": 0.025}
-PAPER_LR_EXPONENTS = tuple(range(-4, 6))
 CONFIDENCE = 0.95
 
 
@@ -109,17 +107,26 @@ def paired_difference(
     return PairedDifference(mean, mean - half_width, mean + half_width, len(differences))
 
 
-def _group_key(trial: Mapping[str, Any]) -> tuple[Any, ...]:
-    train = {k: v for k, v in trial["train"].items() if k != "lr"}
-    options = tuple(sorted(trial.get("options", {}).items()))
-    return (
-        trial["dataset"],
-        trial["model"],
-        trial["optimizer"],
-        tuple(sorted(train.items())),
-        trial["expansion"],
-        options,
-    )
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a JSON value (dicts by sorted items), equal where values are equal."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _group_key(record: TrialRecord) -> Any:
+    """Everything that identifies the trial but its strategy, seed and learning rate.
+
+    The same identity as the trial key's, so a TrainConfig field added later at its default does not
+    split a resumed comparison's old and new trials into two groups.
+    """
+    identity = record.spec.identity()
+    for name in ("strategy", "seed", "lr"):
+        del identity[name]
+    identity["train"].pop("lr", None)
+    return _frozen(identity)
 
 
 def _median(values: Iterable[float | None]) -> float:
@@ -127,69 +134,71 @@ def _median(values: Iterable[float | None]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
-def _summarise_strategy(name: str, trials: Sequence[Mapping[str, Any]]) -> StrategyResult:
-    by_lr: dict[float, list[Mapping[str, Any]]] = {}
+def _summarise_strategy(name: str, trials: Sequence[TrialRecord]) -> StrategyResult:
+    by_lr: dict[float, list[TrialRecord]] = {}
     for trial in trials:
-        by_lr.setdefault(trial["lr"], []).append(trial)
+        by_lr.setdefault(trial.spec.lr, []).append(trial)
     scores: dict[float, float | None] = {}
     for lr, runs in sorted(by_lr.items()):
-        if any(r["diverged_at_step"] is not None for r in runs):
+        if any(r.diverged for r in runs):
             scores[lr] = None
         else:
-            scores[lr] = statistics.fmean(r["val_accuracy"] for r in runs)
+            scores[lr] = statistics.fmean(_number(r.val_accuracy) for r in runs)
     eligible = {lr: s for lr, s in scores.items() if s is not None}
     # Highest validation accuracy; ties go to the smaller rate (the more conservative choice).
     chosen = max(eligible, key=lambda lr: (eligible[lr], -lr)) if eligible else None
-    at_chosen = sorted(by_lr[chosen] if chosen is not None else [], key=lambda r: r["seed"])
-    accuracies = [r["test_accuracy"] for r in at_chosen]
+    at_chosen = sorted(by_lr[chosen] if chosen is not None else [], key=lambda r: r.spec.seed)
+    accuracies = [_number(r.test_accuracy) for r in at_chosen]
     extra_keys = sorted(
-        {k for r in at_chosen for k, v in r.get("extra", {}).items() if isinstance(v, int | float)}
+        {k for r in at_chosen for k, v in r.extra.items() if isinstance(v, int | float)}
     )
     example = at_chosen[0] if at_chosen else trials[0]
     return StrategyResult(
         strategy=name,
         chosen_lr=chosen,
         lr_scores=scores,
-        seeds=[r["seed"] for r in at_chosen],
+        seeds=[r.spec.seed for r in at_chosen],
         test_accuracies=accuracies,
         test_accuracy_mean=statistics.fmean(accuracies) if accuracies else math.nan,
         test_accuracy_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         val_accuracy_mean=(
-            statistics.fmean(r["val_accuracy"] for r in at_chosen) if at_chosen else math.nan
+            statistics.fmean(_number(r.val_accuracy) for r in at_chosen) if at_chosen else math.nan
         ),
-        train_params=example["train_params"],
-        inference_params=example["inference_params"],
+        train_params=example.train_params,
+        inference_params=example.inference_params,
         # Step time does not depend on the rate: every trial of the strategy contributes its median.
-        median_step_time=_median(r.get("median_step_time") for r in trials),
+        median_step_time=_median(r.median_step_time for r in trials),
         step_time_ratio=None,
-        wall_time=sum(r["wall_time"] for r in at_chosen),
-        curves=[r.get("curve", []) for r in at_chosen],
+        wall_time=sum(r.wall_time for r in at_chosen),
+        curves=[[dict(point) for point in r.curve] for r in at_chosen],
         diverged=[
-            {"seed": r["seed"], "lr": r["lr"], "step": r["diverged_at_step"]}
+            {"seed": r.spec.seed, "lr": r.spec.lr, "step": r.diverged_at_step}
             for r in trials
-            if r["diverged_at_step"] is not None
+            if r.diverged
         ],
         extra={
-            k: statistics.fmean(r["extra"][k] for r in at_chosen if k in r.get("extra", {}))
-            for k in extra_keys
+            k: statistics.fmean(r.extra[k] for r in at_chosen if k in r.extra) for k in extra_keys
         },
         trials=len(trials),
     )
 
 
-def aggregate(
-    trials: Sequence[Mapping[str, Any]], strategy_order: Sequence[str] = ()
-) -> list[Group]:
-    """Group stored trials and summarise every strategy in every group."""
-    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
-    for trial in trials:
-        groups.setdefault(_group_key(trial), []).append(trial)
+def _number(value: float | None) -> float:
+    """A stored accuracy: None (stored for NaN) reads as NaN again."""
+    return math.nan if value is None else value
+
+
+def aggregate(trials: Iterable[TrialRecord], strategy_order: Sequence[str] = ()) -> list[Group]:
+    """Group stored trials (``TrialStore.trials()``) and summarise every strategy in every group."""
+    groups: dict[Any, list[TrialRecord]] = {}
+    for record in trials:
+        groups.setdefault(_group_key(record), []).append(record)
     result = []
     for group_trials in groups.values():
-        first = group_trials[0]
-        by_strategy: dict[str, list[Mapping[str, Any]]] = {}
+        first = group_trials[0].spec
+        by_strategy: dict[str, list[TrialRecord]] = {}
         for trial in group_trials:
-            by_strategy.setdefault(trial["strategy"], []).append(trial)
+            by_strategy.setdefault(trial.spec.strategy, []).append(trial)
         order = [s for s in strategy_order if s in by_strategy] + sorted(
             s for s in by_strategy if s not in strategy_order
         )
@@ -206,13 +215,13 @@ def aggregate(
                     )
         result.append(
             Group(
-                dataset=first["dataset"],
-                model=first["model"],
-                optimizer=first["optimizer"],
-                train={k: v for k, v in first["train"].items() if k != "lr"},
-                expansion=first["expansion"],
+                dataset=first.dataset,
+                model=first.model,
+                optimizer=first.optimizer,
+                train={k: v for k, v in first.train.items() if k != "lr"},
+                expansion=first.expansion,
                 strategies=summaries,
-                lr_grid=sorted({t["lr"] for t in group_trials}),
+                lr_grid=sorted({t.spec.lr for t in group_trials}),
             )
         )
     return result

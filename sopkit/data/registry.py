@@ -1,0 +1,149 @@
+"""The data sets a user can name on the command line, and :func:`load_dataset`, which loads one.
+
+``load_dataset(name, ...)`` returns a :class:`~sopkit.data.splits.DataSplits`: train, validation
+and test splits plus the per-example input shape and the number of classes. The validation split is
+always carved out of the *training* set (seeded by ``split_seed``); the test set is never used for
+model selection. Every user mistake raises :class:`~sopkit.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sopkit.data.cache import default_cache_dir
+from sopkit.data.folder import load_imagefolder
+from sopkit.data.offline import load_digits, load_mnist1d
+from sopkit.data.prepare import LoadOptions
+from sopkit.data.splits import DataSplits
+from sopkit.data.vision import load_cifar10, load_fashion_mnist, load_mnist
+from sopkit.errors import UserError, unknown_name
+
+__all__ = ["DATASETS", "DatasetSpec", "dataset_spec", "load_dataset"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A data set a user can name: what it is and how to load it."""
+
+    name: str
+    description: str
+    needs_data_dir: bool  # True for the sets read from files under --data-dir
+    loader: Callable[[LoadOptions], DataSplits]
+    # `sopkit compare` trains this many epochs when --epochs is not given: enough for the small
+    # offline sets to converge (MK needs more steps than the baseline, paper Section 5).
+    default_epochs: int = 30
+
+
+def _registry(*specs: DatasetSpec) -> dict[str, DatasetSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+DATASETS: dict[str, DatasetSpec] = _registry(
+    DatasetSpec(
+        "mnist1d",
+        "MNIST-1D: 1-D signals of length 40, 10 classes, generated offline (default).",
+        needs_data_dir=False,
+        loader=load_mnist1d,
+        default_epochs=200,
+    ),
+    DatasetSpec(
+        "digits",
+        "scikit-learn 8x8 digits as 64 features, 10 classes, offline; fixed 20% test set.",
+        needs_data_dir=False,
+        loader=load_digits,
+        default_epochs=100,
+    ),
+    DatasetSpec(
+        "mnist",
+        "MNIST 28x28 grey digits, 10 classes, from <data-dir>/MNIST/raw.",
+        needs_data_dir=True,
+        loader=load_mnist,
+    ),
+    DatasetSpec(
+        "fashion-mnist",
+        "Fashion-MNIST 28x28 grey clothing, 10 classes, from <data-dir>/FashionMNIST/raw.",
+        needs_data_dir=True,
+        loader=load_fashion_mnist,
+    ),
+    DatasetSpec(
+        "cifar10",
+        "CIFAR-10 32x32 colour images, 10 classes, from <data-dir>/cifar-10-batches-py.",
+        needs_data_dir=True,
+        loader=load_cifar10,
+    ),
+    DatasetSpec(
+        "imagefolder",
+        "Your images in <data-dir>/{train,test}/<class>/, resized square, via a DataLoader.",
+        needs_data_dir=True,
+        loader=load_imagefolder,
+    ),
+)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registry entry for a name a user typed (UserError, listing the valid names, if none)."""
+    if not isinstance(name, str):
+        raise UserError(f"A data set name must be a string, got {name!r}.")
+    # Forgive case and an underscore for the dash ("Fashion_MNIST"): both are common spellings.
+    spec = DATASETS.get(name.strip().lower().replace("_", "-"))
+    if spec is None:
+        raise unknown_name("dataset", name, DATASETS)
+    return spec
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    download: bool = False,
+    num_workers: int = 2,
+    cache_dir: str | Path | None = None,
+    image_size: int = 32,
+) -> DataSplits:
+    """Load a data set by the name a user typed, with validation carved from its training set.
+
+    ``data_dir`` is where file-backed sets live (required for them, ignored by the others);
+    ``download`` lets torchvision fetch missing files there. ``val_fraction`` of the training set,
+    chosen by ``split_seed``, becomes the validation split. ``num_workers`` is for ``DataLoader``
+    -backed splits (imagefolder), ``image_size`` the square side imagefolder resizes to, and
+    ``cache_dir`` where generated data (mnist1d) is cached (default: :func:`default_cache_dir`).
+
+    Every user mistake (unknown name, bad value, missing or corrupt files) raises
+    :class:`~sopkit.errors.UserError`. Splits are on the CPU; use :meth:`DataSplits.to`.
+    """
+    spec = dataset_spec(name)
+
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, int | float)
+        or not 0.0 < val_fraction < 1.0  # also rejects NaN
+    ):
+        raise UserError(
+            f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}."
+        )
+    if (
+        isinstance(split_seed, bool)
+        or not isinstance(split_seed, int)
+        or not 0 <= split_seed < 2**63
+    ):
+        raise UserError(f"split_seed must be an integer in [0, 2**63), got {split_seed!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise UserError(f"image_size must be a positive integer, got {image_size!r}.")
+
+    opts = LoadOptions(
+        # An empty string is as good as no directory at all (e.g. an unset environment variable).
+        data_dir=Path(data_dir).expanduser() if data_dir not in (None, "") else None,
+        val_fraction=float(val_fraction),
+        split_seed=split_seed,
+        download=bool(download),
+        num_workers=num_workers,
+        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
+        image_size=image_size,
+    )
+    return spec.loader(opts)

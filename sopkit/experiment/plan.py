@@ -1,0 +1,286 @@
+"""The plan of ``sopkit compare``: strategies side by side over seeds, learning rates, models and
+optimizers.
+
+A comparison is a plan of trials (one strategy, one seed, one learning rate, one model, one
+optimizer). Trials are grouped into jobs by (model, optimizer, seed, rate): a job trains every
+strategy for that cell in one process and one ``TrainingSession`` (see ``runner``), so step-time
+ratios against ``baseline`` come from the same process and an ensemble and a distilled student
+share their members.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sopkit.checks import (
+    DEFAULT_EXPANSION,
+    MAX_INT,
+    check_expansion,
+    check_int,
+    check_names,
+    default_of,
+)
+from sopkit.errors import UserError
+from sopkit.experiment.presets import load_preset
+from sopkit.experiment.records import TrialSpec
+from sopkit.training.config import DEFAULT_DEVICE, DEFAULT_LR, DEVICE_HELP, TrainConfig
+
+# The paper's learning-rate grids (Section 5.1): base * 1.5^i for i in [-4, 5]; the bases are also
+# the default rates when no grid is given.
+PAPER_LR_BASE = DEFAULT_LR
+PAPER_LR_EXPONENTS = tuple(range(-4, 6))
+
+
+def parse_lr_grid(text: str | None) -> tuple[int, ...] | tuple[float, ...] | None:
+    """``paper`` (i in -4..5), ``paper:A..B`` (a sub-range of exponents), or rates ``0.01,0.003``.
+
+    Returns exponents (ints) for paper grids, rates (floats) for explicit lists, None for no grid.
+    """
+    if text is None or text.strip() in ("", "none"):
+        return None
+    text = text.strip()
+    match = re.fullmatch(r"paper(?::(-?\d+)\.\.(-?\d+))?", text)
+    if match:
+        if match.group(1) is None:
+            return PAPER_LR_EXPONENTS
+        low, high = int(match.group(1)), int(match.group(2))
+        if low > high:
+            raise UserError(f"--lr-grid {text}: the range {low}..{high} is empty.")
+        return tuple(range(low, high + 1))
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(
+            f"--lr-grid {text!r} is not valid. Use 'paper', 'paper:-2..2' or rates like "
+            "'0.01,0.003'."
+        ) from None
+    if not rates or any(not rate > 0 for rate in rates):
+        raise UserError(f"--lr-grid {text!r}: learning rates must be positive numbers.")
+    return rates
+
+
+def _help(text: str, **more: str) -> dict[str, str]:
+    return {"help": text, **more}
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """What a comparison trains. Validated on construction.
+
+    The one home of ``sopkit compare``'s defaults: ``build_plan`` fills what a preset and the command
+    line leave out from these fields (and ``TrainConfig``'s), and the CLI shows their ``help``.
+    """
+
+    dataset: str = field(default="mnist1d", metadata=_help("Data set (see `sopkit datasets`)."))
+    models: tuple[str, ...] = field(default=("mlp-a2",), metadata=_help(
+        "Model(s), comma-separated (see `sopkit models`), or package.module:factory."))
+    optimizers: tuple[str, ...] = (default_of(TrainConfig, "optimizer"),)
+    strategies: tuple[str, ...] = field(default=("baseline", "mk"), metadata=_help(
+        "Comma-separated strategies (see `sopkit strategies`)."))
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata=_help(
+        "Seeds per trial (consecutive, from --first-seed).", shown_default="3"))
+    lr_grid: tuple[int, ...] | tuple[float, ...] | None = field(default=None, metadata=_help(
+        "Tune the rate per strategy on validation: 'paper' (base*1.5^i, i in -4..5), "
+        "'paper:-2..2', or rates '0.01,0.003'."))  # see parse_lr_grid
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields besides optimizer/lr
+    lr: float | None = None  # the single rate when there is no grid (None: the optimizer's default)
+    expansion: int = field(default=DEFAULT_EXPANSION, metadata=_help(
+        "Expansion factor e (copies per weight, ensemble members)."))
+    options: dict[str, str] = field(default_factory=dict)
+    device: str = field(default=DEFAULT_DEVICE, metadata=_help(DEVICE_HELP))
+    data_dir: str | None = field(default=None, metadata=_help(
+        "Directory holding torchvision data sets (cifar10, mnist...)."))
+    download: bool = field(default=False, metadata=_help(
+        "Download torchvision data sets into --data-dir if missing."))
+    preset: str | None = field(default=None, metadata=_help(
+        "A shipped preset (e.g. paper-table1) or a TOML file; options override it."))
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise UserError("--seeds must be a positive integer, got 0.")
+        for seed in self.seeds:
+            check_int("--first-seed", seed, minimum=0)
+        check_expansion(self.expansion)
+        check_names("--strategies", self.strategies)
+        check_names("--model", self.models)
+        check_names("--optimizer", self.optimizers)
+        for optimizer in self.optimizers:
+            self.train_config(optimizer, None)  # validates every value now, not an hour in
+
+    def learning_rates(self, optimizer: str) -> list[float | None]:
+        """The rates tried with ``optimizer`` (``[None]`` = the optimizer's default rate)."""
+        if self.lr_grid is None:
+            return [self.lr]
+        if all(isinstance(v, int) for v in self.lr_grid):
+            base = PAPER_LR_BASE[optimizer]
+            return [base * 1.5**i for i in self.lr_grid]
+        return [float(v) for v in self.lr_grid]
+
+    def train_config(self, optimizer: str, lr: float | None) -> TrainConfig:
+        return TrainConfig(**{**self.train, "optimizer": optimizer, "lr": lr})
+
+    def jobs(self) -> list[Job]:
+        """Every (model, optimizer, seed, rate) cell with the trials of all strategies in it."""
+        jobs = []
+        for model in self.models:
+            for optimizer in self.optimizers:
+                for seed in self.seeds:
+                    for lr in self.learning_rates(optimizer):
+                        config = self.train_config(optimizer, lr)
+                        specs = tuple(
+                            TrialSpec(
+                                dataset=self.dataset,
+                                model=model,
+                                optimizer=optimizer,
+                                strategy=strategy,
+                                seed=seed,
+                                lr=config.learning_rate,
+                                train=asdict(replace(config, lr=config.learning_rate)),
+                                expansion=self.expansion,
+                                options=self.options,
+                            )
+                            for strategy in self.strategies
+                        )
+                        jobs.append(Job(model, optimizer, seed, lr, specs))
+        return jobs
+
+    def grid_note(self) -> str:
+        """Which grid this plan runs, in words, for reports."""
+        epochs = self.train.get("epochs")
+        parts = []
+        if self.lr_grid is None:
+            parts.append(
+                "a single learning rate" + (f" ({self.lr:g})" if self.lr else " (default)")
+            )
+        elif all(isinstance(v, int) for v in self.lr_grid):
+            exps = list(self.lr_grid)
+            full = tuple(exps) == PAPER_LR_EXPONENTS
+            parts.append(
+                f"{'the paper' if full else 'a reduced'} learning-rate grid: base*1.5^i for i in "
+                f"[{exps[0]}..{exps[-1]}] (Adam base 0.001, SGD base 0.025"
+                + ("" if full else "; the paper uses i in [-4..5]")
+                + ")"
+            )
+        else:
+            parts.append("learning rates " + ", ".join(f"{v:g}" for v in self.lr_grid))
+        parts.append(f"{len(self.seeds)} seeds ({self.seeds[0]}..{self.seeds[-1]})")
+        if epochs:
+            parts.append(f"{epochs} epochs")
+        parts.append(f"batch {self.train.get('batch_size', 256)}, expansion e = {self.expansion}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a plan's trials are run. Results never depend on it (each trial is seeded on its own)."""
+
+    jobs: int = field(default=1, metadata=_help("Worker processes running trials in parallel."))
+    threads: int = field(default=1, metadata=_help(
+        "torch CPU threads per trial; the same with any --jobs, so results do not depend on it. "
+        "Raise it for big models on the CPU."))
+
+    def __post_init__(self) -> None:
+        check_int("--jobs", self.jobs, maximum=1024)
+        check_int("--threads", self.threads, maximum=1024)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (model, optimizer, seed, rate) cell: its trials run in one process and session."""
+
+    model: str
+    optimizer: str
+    seed: int
+    lr: float | None
+    specs: tuple[TrialSpec, ...]
+
+
+def build_plan(
+    *,
+    preset: str | None = None,
+    dataset: str | None = None,
+    models: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    optimizers: Sequence[str] | None = None,
+    seeds: int | None = None,
+    first_seed: int = default_of(ComparePlan, "seeds")[0],
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    lr_grid: str | None = None,
+    weight_decay: float | None = None,
+    schedule: str | None = None,
+    expansion: int | None = None,
+    bf16: bool = False,
+    options: dict[str, str] | None = None,
+    device: str = DEFAULT_DEVICE,
+    data_dir: str | None = None,
+    download: bool = False,
+) -> ComparePlan:
+    """A plan from a preset (if any) with every explicitly given value overriding it; what neither
+    gives comes from ``ComparePlan``'s and ``TrainConfig``'s defaults (the data set's epochs)."""
+    from sopkit.data import dataset_spec
+
+    settings = load_preset(preset) if preset else {}
+
+    def pick(value: Any, key: str, default: Any) -> Any:
+        return value if value is not None else settings.get(key, default)
+
+    def plan_default(name: str) -> Any:
+        return default_of(ComparePlan, name)
+
+    def train_default(name: str) -> Any:
+        return default_of(TrainConfig, name)
+
+    dataset_name = pick(dataset, "dataset", plan_default("dataset"))
+    seed_count = check_int("--seeds", pick(seeds, "seeds", len(plan_default("seeds"))))
+    first_seed = check_int("--first-seed", first_seed, minimum=0, maximum=MAX_INT - seed_count + 1)
+    if lr is not None and lr_grid is not None:
+        raise UserError("Give either --lr or --lr-grid, not both.")
+    train = {
+        "epochs": pick(epochs, "epochs", dataset_spec(dataset_name).default_epochs),
+        "batch_size": pick(batch_size, "batch_size", train_default("batch_size")),
+        "weight_decay": pick(weight_decay, "weight_decay", train_default("weight_decay")),
+        "schedule": pick(schedule, "schedule", train_default("schedule")),
+        "bf16": bf16,
+    }
+    preset_options = {k: str(v) for k, v in settings.get("options", {}).items()}
+    return ComparePlan(
+        dataset=dataset_name,
+        models=tuple(pick(models, "models", plan_default("models"))),
+        optimizers=tuple(pick(optimizers, "optimizers", plan_default("optimizers"))),
+        strategies=tuple(pick(strategies, "strategies", plan_default("strategies"))),
+        seeds=tuple(range(first_seed, first_seed + seed_count)),
+        # An explicit --lr replaces the preset's grid.
+        lr_grid=parse_lr_grid(
+            lr_grid if (lr_grid is not None or lr is not None) else settings.get("lr_grid")
+        ),
+        train=train,
+        lr=lr,
+        expansion=pick(expansion, "expansion", plan_default("expansion")),
+        options={**preset_options, **(options or {})},
+        device=device,
+        data_dir=data_dir,
+        download=download,
+        preset=settings.get("name"),
+    )
+
+
+def default_out_dir(plan: ComparePlan) -> Path:
+    """``runs/PRESET`` or ``runs/DATASET-MODELS``: the same command resumes into the same place."""
+    name = plan.preset or f"{plan.dataset}-{'+'.join(plan.models)}"
+    return Path("runs") / name.replace(":", "_").replace("/", "_")
+
+
+def plan_record(plan: ComparePlan, command: str = "") -> dict[str, Any]:
+    """The plan as stored next to the trials: reports name the grid and select its trials by key,
+    and show ``command``, the command line that ran the plan ("" when not run from one)."""
+    record = asdict(plan)
+    record["command"] = command
+    record["grid_note"] = plan.grid_note()
+    record["trial_keys"] = [spec.key for job in plan.jobs() for spec in job.specs]
+    return record

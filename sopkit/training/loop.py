@@ -1,0 +1,300 @@
+"""The one training loop every strategy shares.
+
+The loop owns seeding, device placement, the optimizer, ``zero_grad``, ``backward``, ``step``, the
+learning-rate schedule, timing, divergence detection and evaluation; strategies answer hooks
+(:mod:`sopkit.training.strategy`, which documents the call order). ``TrainingState.step`` is the body
+of the loop, one step; ``TrainingSession`` holds what the trainings of one comparison share, runs
+them, and remembers finished trainings so that a strategy built from others (an ensemble, a
+distilled student) reuses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from sopkit.data.splits import DataSplits, Split
+from sopkit.errors import UserError
+from sopkit.mk import count_parameters
+from sopkit.training.device import autocast, seed_everything
+from sopkit.training.optim import make_optimizer, make_schedule
+from sopkit.training.progress import NullProgress, Progress
+from sopkit.training.strategy import Strategy
+from sopkit.training.timing import StepTimer
+from sopkit.training.types import EpochRecord, RunContext, TrainConfig, TrainResult
+
+__all__ = ["TrainingSession", "TrainingState", "evaluate"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: Split, *, batch_size: int = 1024, bf16: bool = False
+) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``split``."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long)
+    total = 0
+    device: torch.device | None = None
+    for inputs, targets in split.batches(batch_size, shuffle=False):
+        if device is None:
+            device = inputs.device
+            correct = correct.to(device)
+        with autocast(inputs.device, bf16):
+            logits = model(inputs)
+        correct += (logits.argmax(dim=1) == targets).sum()
+        total += targets.numel()
+    model.train(was_training)
+    return correct.item() / max(total, 1)
+
+
+def _steps_per_epoch(split: Split, batch_size: int) -> int:
+    return math.ceil(len(split) / batch_size)
+
+
+@dataclass
+class TrainingState:
+    """One training in progress: the prepared model, its optimizer and schedule, and the per-step
+    bookkeeping (timing, loss sum, divergence), with ``step()`` the body of the loop.
+
+    ``TrainingSession`` and ``sopkit bench`` both build it with ``start`` and drive it with ``step``,
+    so the benchmark measures exactly the step the loop takes, hooks and bookkeeping included.
+    """
+
+    strategy: Strategy
+    model: nn.Module
+    run: RunContext
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    timer: StepTimer
+    loss_sum: torch.Tensor  # of the epoch in progress; the loop resets it every epoch
+    # Divergence is tracked on the device (no per-step synchronisation) and read once per epoch.
+    first_bad_step: torch.Tensor
+
+    @classmethod
+    def start(cls, strategy: Strategy, model: nn.Module, run: RunContext) -> TrainingState:
+        """Prepare ``model`` (already on ``run.device``) for ``strategy`` and build its optimizer."""
+        config, device = run.config, run.device
+        model = strategy.prepare(model, run)
+        optimizer = make_optimizer(model, config)
+        run.optimizer = optimizer
+        schedule = make_schedule(optimizer, config, run.total_steps)
+        return cls(
+            strategy=strategy,
+            model=model,
+            run=run,
+            optimizer=optimizer,
+            schedule=schedule,
+            timer=StepTimer(device, config.warmup_steps),
+            loss_sum=torch.zeros((), device=device),
+            first_bad_step=torch.full((), -1, dtype=torch.long, device=device),
+        )
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """One training step on one batch: the strategy's hooks, backward, optimizer and schedule,
+        in the order the ``Strategy`` docstring documents."""
+        strategy, model, run, optimizer = self.strategy, self.model, self.run, self.optimizer
+        self.timer.start()
+        strategy.before_step(model, run)
+        with autocast(run.device, run.config.bf16):
+            loss = strategy.loss(model, inputs, targets, run)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        strategy.after_backward(model, run)
+        optimizer.step()
+        strategy.after_step(model, run)
+        self.schedule.step()
+        self.timer.stop()
+        loss = loss.detach().float()
+        self.loss_sum += loss
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, run.step, self.first_bad_step)
+        run.step += 1
+
+
+@contextlib.contextmanager
+def _in_eval_mode(results: Mapping[str, TrainResult]) -> Iterator[None]:
+    """The models of ``results`` in eval mode, and back in the modes they had afterwards: a run's
+    required trainings are its inputs (a teacher), and their models are also other results."""
+    modes = {
+        module: module.training
+        for result in results.values()
+        if result.model is not None
+        for module in result.model.modules()
+    }
+    for module in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+class TrainingSession:
+    """What the trainings of one comparison share: data on the device, the model recipe, the base
+    configuration, progress output, and the results of finished trainings.
+
+    ``train`` is the only way a strategy gets trained. A training already done in this session for the
+    same strategy identity, seed and configuration is returned instead of repeated, so an ensemble and
+    a distilled student built from the same members train those members once.
+    """
+
+    def __init__(
+        self,
+        data: DataSplits,
+        build_model: Callable[[], nn.Module],
+        config: TrainConfig,
+        *,
+        device: torch.device,
+        seed: int = 0,
+        progress: Progress | None = None,
+        label: str = "",
+    ) -> None:
+        self.data = data
+        self.build_model = build_model
+        self.config = config
+        self.device = device
+        self.seed = seed
+        self.progress: Progress = progress or NullProgress()
+        self.label = label  # describes the session's cell in progress output, e.g. "mlp-a2 adam"
+        self._finished: dict[tuple[object, ...], TrainResult] = {}
+
+    def train(
+        self,
+        strategy: Strategy,
+        *,
+        seed: int | None = None,
+        config: TrainConfig | None = None,
+        label: str | None = None,
+    ) -> TrainResult:
+        """Train ``strategy`` once with the shared loop (or return the same training done earlier),
+        after the trainings its ``requires`` names (trained with the same base ``config``)."""
+        seed = self.seed if seed is None else seed
+        base = config or self.config
+        config = strategy.schedule(base)
+        key = (strategy.identity(), seed, config)
+        if key not in self._finished:
+            required = {
+                name: self.train(needed.strategy, seed=needed.seed, config=base, label=needed.label)
+                for name, needed in strategy.requires(seed).items()
+            }
+            self._finished[key] = self._run(
+                strategy,
+                seed,
+                config,
+                label or " ".join(filter(None, [strategy.name, self.label, f"seed {seed}"])),
+                required=required,
+            )
+        return self._finished[key]
+
+    def evaluate(self, model: nn.Module, split: Literal["train", "val", "test"] = "test") -> float:
+        """Accuracy of any model (e.g. an ensemble) on one split of the session's data."""
+        return evaluate(
+            model,
+            getattr(self.data, split),
+            batch_size=self.config.eval_batch_size,
+            bf16=self.config.bf16,
+        )
+
+    def _run(
+        self,
+        strategy: Strategy,
+        seed: int,
+        config: TrainConfig,
+        label: str,
+        *,
+        required: Mapping[str, TrainResult] | None = None,
+    ) -> TrainResult:
+        required = dict(required or {})
+        with _in_eval_mode(required):
+            return self._loop(strategy, seed, config, label, required)
+
+    def _loop(
+        self,
+        strategy: Strategy,
+        seed: int,
+        config: TrainConfig,
+        label: str,
+        required: Mapping[str, TrainResult],
+    ) -> TrainResult:
+        device, data = self.device, self.data
+        if config.bf16 and device.type != "cuda":
+            raise UserError("--bf16 autocast is only supported on CUDA devices.")
+        seed_everything(seed)
+        model = self.build_model().to(device)
+        steps_per_epoch = _steps_per_epoch(data.train, config.batch_size)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        shuffle_generator = _shuffle_generator(data.train, seed)
+        run = RunContext(seed, config, device, data, generator, steps_per_epoch, required=required)
+        training = TrainingState.start(strategy, model, run)
+        model = training.model
+        train_params = count_parameters(model)
+        curve: list[EpochRecord] = []
+        diverged_at: int | None = None
+        started = time.perf_counter()
+        self.progress.run_started(label, run.total_steps)
+
+        for epoch in range(config.epochs):
+            run.epoch = epoch
+            model.train()
+            training.loss_sum = torch.zeros((), device=device)
+            for inputs, targets in data.train.batches(
+                config.batch_size, shuffle=True, generator=shuffle_generator
+            ):
+                training.step(inputs, targets)
+                self.progress.advance(label)
+            bad_step = int(training.first_bad_step.item())
+            evaluated = strategy.evaluation_model(model, run)
+            record = EpochRecord(
+                epoch=epoch + 1,
+                step=run.step,
+                train_loss=training.loss_sum.item() / steps_per_epoch,
+                val_accuracy=evaluate(
+                    evaluated, data.val, batch_size=config.eval_batch_size, bf16=config.bf16
+                ),
+                test_accuracy=evaluate(
+                    evaluated, data.test, batch_size=config.eval_batch_size, bf16=config.bf16
+                ),
+                seconds=time.perf_counter() - started,
+            )
+            curve.append(record)
+            self.progress.epoch_finished(label, record, config.epochs)
+            if bad_step >= 0:
+                diverged_at = bad_step
+                self.progress.message(f"{label}: loss is not finite at step {bad_step}; stopped.")
+                break
+
+        deployable = strategy.deployable(model, run)
+        test_accuracy = self.evaluate(deployable, "test")
+        val_accuracy = self.evaluate(deployable, "val")
+        result = TrainResult(
+            strategy=strategy.name,
+            seed=seed,
+            config=config,
+            test_accuracy=test_accuracy,
+            val_accuracy=val_accuracy,
+            train_params=train_params,
+            inference_params=count_parameters(deployable),
+            step_times=training.timer.seconds(),
+            wall_time=time.perf_counter() - started,
+            curve=curve,
+            diverged_at_step=diverged_at,
+            extra=dict(strategy.report(model, run)),
+            model=deployable,
+        )
+        self.progress.run_finished(label, result)
+        return result
+
+
+def _shuffle_generator(split: Split, seed: int) -> torch.Generator:
+    """A generator on the device the split's batches are shuffled on (randperm needs them to match)."""
+    device = getattr(split, "device", torch.device("cpu"))
+    return torch.Generator(device=device).manual_seed(seed)
