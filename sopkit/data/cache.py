@@ -7,11 +7,10 @@ stale file, and files are written atomically, so a reader sees either no file or
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sopkit.files import write_atomic
 
 __all__ = ["ArrayCache", "default_cache_dir"]
 
@@ -88,17 +89,8 @@ def _read_npz(path: Path, keys: Sequence[str]) -> Arrays | None:
 
 
 def _write_npz_atomic(path: Path, arrays: Arrays) -> None:
-    """Write ``arrays`` to ``path`` so that readers see either no file or a complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file must be in the same directory for os.replace to be an atomic rename.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    """Write ``arrays`` to ``path`` through sopkit's one atomic writer: readers see either no file
+    or a complete one."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_atomic(path, buffer.getvalue())
