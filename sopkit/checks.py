@@ -39,24 +39,34 @@ def check_int(name: str, value: Any, *, minimum: int = 1, maximum: int = MAX_INT
 
 
 def check_float(
-    name: str, value: Any, *, positive: bool = False, at_most: float | None = None
+    name: str,
+    value: Any,
+    *,
+    positive: bool = False,
+    at_most: float | None = None,
+    below: float | None = None,
 ) -> float:
-    """``value`` as a finite float, at least 0 (more than 0 when ``positive``), at most ``at_most``."""
+    """``value`` as a finite float, at least 0 (more than 0 when ``positive``), at most ``at_most``
+    and less than ``below``."""
     ok = (isinstance(value, int | float) and not isinstance(value, bool)
           and math.isfinite(value) and (value > 0 if positive else value >= 0))
     if ok and at_most is not None:
         ok = value <= at_most
+    if ok and below is not None:
+        ok = value < below
     if not ok:
         bound = "a positive number" if positive else "a number of at least 0"
         if at_most is not None:
             bound += f" and at most {at_most:g}"
+        if below is not None:
+            bound += f" and less than {below:g}"
         raise UserError(f"{name} must be {bound}, got {value!r}.")
     return float(value)
 
 
 def check_expansion(value: Any, name: str = "--expansion") -> int:
     """The expansion factor e: copies per weight (majority kernels), members (ensemble)."""
-    return check_int(name, value, minimum=2, maximum=1024)
+    return check_int(name, value, minimum=2)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str], kind: str) -> str:

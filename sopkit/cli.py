@@ -93,6 +93,17 @@ def compare(
         float | None, typer.Option(help=help_of(TrainConfig, "weight_decay"))
     ] = None,
     schedule: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "schedule"))] = None,
+    milestones: Annotated[
+        str | None, typer.Option(help=help_of(TrainConfig, "milestones"))
+    ] = None,
+    lr_decay: Annotated[float | None, typer.Option(help=help_of(TrainConfig, "lr_decay"))] = None,
+    warmup_epochs: Annotated[
+        int | None, typer.Option(help=help_of(TrainConfig, "lr_warmup_epochs"))
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option(help=help_of(TrainConfig, "label_smoothing"))
+    ] = None,
+    augment: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "augment"))] = None,
     expansion: Annotated[
         int | None, typer.Option(help=help_of(ComparePlan, "expansion"))
     ] = None,
@@ -123,6 +134,9 @@ def compare(
     threads: Annotated[
         int, typer.Option(help=plain_help_of(Execution, "threads"))
     ] = default_of(Execution, "threads"),
+    data_workers: Annotated[
+        int, typer.Option(help=plain_help_of(Execution, "data_workers"))
+    ] = default_of(Execution, "data_workers"),
     out: Annotated[
         str | None,
         typer.Option(
@@ -138,9 +152,10 @@ def compare(
     plan = build_plan(
         preset=preset,
         dataset=dataset,
-        models=_names(model) if model else None,
-        strategies=_names(strategies) if strategies else None,
-        optimizers=_names(optimizer) if optimizer else None,
+        # An empty value (--strategies=) is a mistake, not a request for the defaults.
+        models=_names(model) if model is not None else None,
+        strategies=_names(strategies) if strategies is not None else None,
+        optimizers=_names(optimizer) if optimizer is not None else None,
         seeds=seeds,
         first_seed=first_seed,
         epochs=epochs,
@@ -149,6 +164,11 @@ def compare(
         lr_grid=lr_grid,
         weight_decay=weight_decay,
         schedule=schedule,
+        milestones=milestones,
+        lr_decay=lr_decay,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        augment=augment,
         expansion=expansion,
         bf16=bf16,
         options=_parse_options(set_ or []),
@@ -162,7 +182,13 @@ def compare(
     record = plan_record(plan, command)
     _run_with_progress(
         lambda progress: run_plan(
-            plan, out_dir, progress, jobs=jobs, threads=threads, command=command
+            plan,
+            out_dir,
+            progress,
+            jobs=jobs,
+            threads=threads,
+            command=command,
+            data_workers=data_workers,
         ),
         out_dir,
         record,

@@ -77,11 +77,9 @@ PRIVATE_USES: tuple[PrivateUse, ...] = (
     PrivateUse(
         name="tensor_version",
         api="torch.Tensor._version (the in-place version counter)",
-        used_by="sopkit.mk.kernels.MajorityKernels.refresh (eval weights cached until the copies "
-        "change; fused optimizer steps do not move the counter, so they are counted apart) and "
-        "sopkit_baselines.subnetwork (similarity cache keys)",
+        used_by="sopkit_baselines.subnetwork (the subset baseline's similarity cache keys)",
         status="probed",
-        fallback="no caching: every key is new, so eval weights and similarities are recomputed "
+        fallback="no caching: every key is new, so similarities are recomputed "
         "(bit-identical results, slower)",
         tested_by="tests/test_torch_private.py::test_without_version_counters_*",
     ),

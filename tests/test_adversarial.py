@@ -216,7 +216,7 @@ def test_with_eps_zero_a_step_is_an_mk_step_with_the_same_random_draw() -> None:
     adv_model = copy.deepcopy(mk_model)
     x, y = _batch()
     torch.manual_seed(7)
-    mk_loss = MajorityKernelsStrategy(_settings("mk")).loss(mk_model, x, y, None)  # type: ignore[arg-type]
+    mk_loss = MajorityKernelsStrategy(_settings("mk")).loss(mk_model, x, y, _run())
     mk_loss.backward()
     torch.manual_seed(7)
     adv = AdversarialMajorityKernels(_settings(eps="0"))
@@ -331,7 +331,7 @@ def test_with_eps_zero_a_fused_step_is_an_mk_step_with_the_same_random_draw() ->
         find_majority(model).sampler = "compiled"  # type: ignore[union-attr]
     x, y = _batch()
     torch.manual_seed(7)
-    mk_loss = MajorityKernelsStrategy(_settings("mk")).loss(mk_model, x, y, None)  # type: ignore[arg-type]
+    mk_loss = MajorityKernelsStrategy(_settings("mk")).loss(mk_model, x, y, _run())
     mk_loss.backward()
     torch.manual_seed(7)
     adv_loss = AdversarialMajorityKernels(_settings(eps="0")).loss(adv_model, x, y, _run())

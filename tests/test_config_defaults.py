@@ -33,24 +33,25 @@ def _cli_default(command: str, option: str) -> object:
 
 
 @pytest.mark.parametrize(
-    "option,field",
+    "option,field,first_release",
     [
-        ("--model", "model"),
-        ("--num-classes", "num_classes"),
-        ("--batch-size", "batch_size"),
-        ("--expansion", "expansion"),
-        ("--device", "device"),
-        ("--repeats", "repeats"),
-        ("--steps", "steps"),
-        ("--warmup", "warmup"),
-        ("--optimizer", "optimizer"),
-        ("--mk-sampler", "mk_sampler"),
-        ("--mk-backward", "mk_backward"),
-        ("--bf16", "bf16"),
+        ("--model", "model", "mlp-a3"),
+        ("--num-classes", "num_classes", 10),
+        ("--batch-size", "batch_size", 256),
+        ("--expansion", "expansion", 3),
+        ("--device", "device", "auto"),
+        ("--repeats", "repeats", 10),
+        ("--steps", "steps", 10),
+        ("--warmup", "warmup", 5),
+        ("--optimizer", "optimizer", "adam"),
+        ("--mk-sampler", "mk_sampler", "auto"),
+        ("--mk-backward", "mk_backward", "auto"),
+        ("--bf16", "bf16", False),
     ],
 )
-def test_bench_flags_default_to_the_bench_config(option, field):
-    assert _cli_default("bench", option) == default_of(BenchConfig, field)
+def test_bench_flags_default_to_the_bench_config(option, field, first_release):
+    """The CLI's default is the config's, and both are still the first release's value."""
+    assert _cli_default("bench", option) == default_of(BenchConfig, field) == first_release
 
 
 def test_bench_input_shape_flag_defaults_to_the_config_shape():
@@ -61,14 +62,17 @@ def test_bench_input_shape_flag_defaults_to_the_config_shape():
 
 def test_compare_flags_without_a_value_take_the_plan_and_train_defaults():
     plan = build_plan()
+    # The first release's defaults, now read from the dataclasses.
     assert plan.dataset == default_of(ComparePlan, "dataset") == "mnist1d"
-    assert plan.models == default_of(ComparePlan, "models")
-    assert plan.strategies == default_of(ComparePlan, "strategies")
-    assert plan.seeds == default_of(ComparePlan, "seeds")
-    assert plan.expansion == DEFAULT_EXPANSION == default_of(BenchConfig, "expansion")
-    assert plan.optimizers == (default_of(TrainConfig, "optimizer"),)
-    for name in ("batch_size", "weight_decay", "schedule", "bf16"):
-        assert plan.train[name] == default_of(TrainConfig, name), name
+    assert plan.models == default_of(ComparePlan, "models") == ("mlp-a2",)
+    assert plan.strategies == default_of(ComparePlan, "strategies") == ("baseline", "mk")
+    assert plan.seeds == default_of(ComparePlan, "seeds") == (0, 1, 2)
+    assert plan.expansion == DEFAULT_EXPANSION == default_of(BenchConfig, "expansion") == 3
+    assert plan.optimizers == (default_of(TrainConfig, "optimizer"),) == ("adam",)
+    assert plan.train["epochs"] == 200  # mnist1d's own default
+    expected = {"batch_size": 256, "weight_decay": 0.0, "schedule": "constant", "bf16": False}
+    for name, value in expected.items():
+        assert plan.train[name] == default_of(TrainConfig, name) == value, name
     assert _cli_default("compare", "--jobs") == default_of(Execution, "jobs")
     assert _cli_default("compare", "--threads") == default_of(Execution, "threads")
     assert _cli_default("compare", "--device") == default_of(ComparePlan, "device")
@@ -101,6 +105,7 @@ def test_compare_help_shows_the_defaults_from_the_dataclasses():
         lambda: BenchConfig(expansion=1),
         lambda: StrategySettings(expansion=1),
         lambda: check_expansion(1),
+        lambda: check_expansion(True),
         lambda: __import__("sopkit").expand(__import__("torch").nn.Linear(2, 2), expansion=1),
         lambda: __import__("sopkit").mk.sample_dirichlet(1, 4),
     ],
@@ -146,10 +151,17 @@ def test_train_config_refuses_edge_values(config, message):
         (["--seeds", str(2**64)], "--seeds must be a positive integer at most"),
         (["--first-seed", str(2**63 - 1), "--seeds", "2"], "--first-seed must be"),
         (["--first-seed", "-1"], "--first-seed must be at least 0"),
+        (["--seeds", str(10**6)], "--seeds must be a positive integer at most 100000"),
         (["--jobs", "0"], "--jobs must be a positive integer"),
-        (["--threads", "100000"], "--threads must be a positive integer at most 1024"),
+        (["--threads", "-2"], "--threads must be a positive integer"),
         (["--lr", "nan"], "--lr must be a positive number"),
         (["--weight-decay", "inf"], "--weight-decay must be"),
+        (["--lr-grid", "inf"], "--lr-grid 'inf': learning rates must be positive finite"),
+        (["--lr-grid", "paper:-1000000..1000000"], "exponents must be within -100..100"),
+        (["--strategies="], "--strategies is empty"),
+        (["--model="], "--model is empty"),
+        (["--optimizer="], "--optimizer is empty"),
+        (["--preset="], "Unknown preset ''"),
     ],
 )
 def test_compare_edge_values_exit_2_with_a_message(args, message, tmp_path):
@@ -158,4 +170,4 @@ def test_compare_edge_values_exit_2_with_a_message(args, message, tmp_path):
     )
     assert result.exit_code == 2, result.output
     assert message in result.output
-    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)  # an exit with a message, not a crash

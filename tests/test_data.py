@@ -20,8 +20,8 @@ from sopkit.data import DATASETS, TensorSplit, dataset_spec, load_dataset
 from sopkit.data.cache import ArrayCache
 from sopkit.errors import UserError
 
-ALL_NAMES = ["mnist1d", "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder"]
-FILE_BACKED = ["mnist", "fashion-mnist", "cifar10", "imagefolder"]
+ALL_NAMES = ["mnist1d", "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet"]
+FILE_BACKED = ["mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet"]
 
 
 def _rows(x: torch.Tensor) -> set[tuple[float, ...]]:
@@ -47,7 +47,12 @@ def test_registry_names_order_flags_and_default_epochs() -> None:
         assert spec.needs_data_dir == (name in FILE_BACKED)
     # `sopkit compare` trains this long when --epochs is not given.
     epochs = {name: spec.default_epochs for name, spec in DATASETS.items()}
-    assert epochs == {"mnist1d": 200, "digits": 100} | {name: 30 for name in FILE_BACKED}
+    assert epochs == {"mnist1d": 200, "digits": 100, "imagenet": 90} | {
+        name: 30 for name in FILE_BACKED if name != "imagenet"
+    }
+    # ... and with the standard augmentation of every image set, none for the vector sets.
+    augment = {name: spec.default_augment for name, spec in DATASETS.items()}
+    assert augment == {"mnist1d": "none", "digits": "none"} | {n: "standard" for n in FILE_BACKED}
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from sopkit.data import DataSplits, LoaderSplit, Split, TensorSplit, load_dataset
+from sopkit.data import CropFlip, DataSplits, LoaderSplit, Split, TensorSplit, load_dataset
 from sopkit.errors import UserError
 
-FILE_BACKED = ["mnist", "fashion-mnist", "cifar10", "imagefolder"]
+FILE_BACKED = ["mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,6 +88,20 @@ def _check_image_splits(
     some = splits.train.x[0]
     assert torch.all(some[:, MARK[0], MARK[1]] > some[:, 0, 0])
     assert torch.allclose(some[:, MARK[1], MARK[0]], some[:, 0, 0])
+
+
+def _check_recipe(splits: DataSplits, padding: int, flip: bool) -> None:
+    """The set's standard augmentation: crop padding, flip, and padding with *black*: the value a
+    raw 0 pixel normalises to, extrapolated from two labels' known raw values and normalised ones."""
+    recipe = splits.augment
+    assert isinstance(recipe, CropFlip)
+    assert (recipe.padding, recipe.flip) == (padding, flip)
+    x, y = splits.train.x, splits.train.y.tolist()  # type: ignore[attr-defined]
+    a, b = x[y.index(0)], x[y.index(1)]  # labels 0 and 1: raw 5 + 3c and 25 + 3c
+    for c in range(x.shape[1]):
+        per_raw_unit = (b[c, 0, 0] - a[c, 0, 0]) / 20
+        black = a[c, 0, 0] - per_raw_unit * _pixel(0, c)
+        assert recipe.fill[c] == pytest.approx(black.item(), abs=1e-4)
 
 
 # CIFAR-10 ------------------------------------------------------------------------------------------
@@ -188,6 +202,7 @@ def test_cifar10_tiny_files_load(tmp_path: Path, skip_cifar_md5: None) -> None:
     splits = load_dataset("cifar10", data_dir=tmp_path)
     assert splits.name == "cifar10"
     _check_image_splits(splits, (3, 32, 32), CIFAR_TRAIN_LABELS, CIFAR_TEST_LABELS)
+    _check_recipe(splits, padding=4, flip=True)
 
 
 def test_cifar10_checksum_failure_is_a_user_error(tmp_path: Path) -> None:
@@ -218,6 +233,8 @@ def test_mnist_family_tiny_files_load(tmp_path: Path, name: str) -> None:
     splits = load_dataset(name, data_dir=tmp_path)
     assert splits.name == name
     _check_image_splits(splits, (1, 28, 28), MNIST_TRAIN_LABELS, MNIST_TEST_LABELS)
+    # A mirrored digit is another glyph: MNIST crops only; clothing is left-right symmetric.
+    _check_recipe(splits, padding=2, flip=name == "fashion-mnist")
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
@@ -302,6 +319,8 @@ def test_imagefolder_loads_through_a_dataloader(tmp_path: Path) -> None:
     splits = load_dataset("imagefolder", data_dir=tmp_path, num_workers=0, image_size=8)
     assert splits.input_shape == (3, 8, 8) and splits.num_classes == 2
     assert all(isinstance(s, LoaderSplit) for s in (splits.train, splits.val, splits.test))
+    # Its standard augmentation: CIFAR's scaled (padding 1/8 of the side), black in [0, 1] is 0.
+    assert splits.augment == CropFlip(padding=1, flip=True, fill=(0.0,))
     assert (len(splits.train), len(splits.val), len(splits.test)) == (10, 1, 3)
 
     x, y = _epoch(splits.train, 4, shuffle=True, generator=torch.Generator().manual_seed(0))

@@ -31,8 +31,10 @@ def test_options_some_strategy_reads_are_accepted(options: dict[str, str]) -> No
     "options,message",
     [
         ({"mk.sampeler": "sfc64"}, "the mk strategy has no option 'sampeler'. Did you mean 'sampler'?"),
-        ({"mk.eps": "1"}, "Its options: init, sampler."),
-        ({"baseline.init": "replicate"}, "Its options: none."),
+        # Every strategy with a training of its own takes epochs and milestones (its own schedule).
+        ({"mk.eps": "1"}, "Its options: epochs, init, milestones, sampler."),
+        ({"baseline.init": "replicate"}, "Its options: epochs, milestones."),
+        ({"ensemble.epochs": "3"}, "Its options: member."),  # its members have the schedule
         ({"mkk.init": "replicate"}, "Option mkk.init: Unknown strategy 'mkk'"),
         ({"epss": "1"}, "no strategy has an option 'epss'. Did you mean 'eps'?"),
         ({"adv-mk.eps": "abc"}, "Option adv-mk.eps='abc' is not valid"),  # addressed, so checked

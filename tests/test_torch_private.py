@@ -18,7 +18,7 @@ SOURCES = [ROOT / "sopkit", ROOT / "baselines/src/sopkit_baselines"]
 # Attribute access to private torch API: torch._x, torch.ops.*, tensor._version, and nn.Module's
 # private dictionaries.
 PRIVATE = re.compile(
-    r"torch\._[a-z]|torch\.ops\.|\._version\b|\._parameters\b|\._buffers\b|\._modules\b"
+    r"torch\._[A-Za-z]|torch\.ops\.|\._version\b|\._parameters\b|\._buffers\b|\._modules\b"
     r"|_forward_pre_hooks|_forward_hooks|_backward_hooks"
 )
 

@@ -78,7 +78,7 @@ class BenchConfig:
         check_int("--warmup", self.warmup, minimum=0)
         check_expansion(self.expansion)
         if self.threads is not None:
-            check_int("--threads", self.threads, maximum=1024)
+            check_int("--threads", self.threads)
         check_int("--seed", self.seed, minimum=0)
         if not self.input_shape or any(d < 1 for d in self.input_shape):
             raise UserError(f"--input-shape must be positive, got {self.input_shape}.")

@@ -9,11 +9,12 @@ validation nor test leaks into preprocessing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from sopkit.data.augment import CropFlip
 from sopkit.data.splits import DataSplits, TensorSplit
 from sopkit.errors import UserError
 
@@ -31,6 +32,8 @@ class LoadOptions:
     num_workers: int
     cache_dir: Path
     image_size: int
+    crop_size: int = 224  # imagenet: the side of the training crop and of the evaluation centre crop
+    resize_size: int = 256  # imagenet: the shorter side evaluation images are resized to first
 
 
 def carve_val(n: int, name: str, opts: LoadOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +85,13 @@ def image_splits(
     test_labels: torch.Tensor,
     num_classes: int,
     opts: LoadOptions,
+    augment: CropFlip | None = None,
 ) -> DataSplits:
     """Carve val from uint8 (N, C, H, W) images; scale to [0, 1]; normalise per channel.
 
     The carving indexes the uint8 tensor before conversion so that CIFAR-10's 50k images never
-    exist twice as float32 (600 MB each).
+    exist twice as float32 (600 MB each). ``augment`` is the set's standard recipe; its padding is
+    set to black (a zero pixel before normalisation), as torchvision pads the raw images.
     """
     train_idx, val_idx = carve_val(len(labels), name, opts)
     x_train = images[train_idx].float().div_(255.0)
@@ -96,6 +101,8 @@ def image_splits(
     std = _safe_std(x_train.std(dim=(0, 2, 3), correction=0)).view(1, -1, 1, 1)
     for part in (x_train, x_val, x_test):
         part.sub_(mean).div_(std)
+    if augment is not None:
+        augment = replace(augment, fill=tuple((-mean / std).flatten().tolist()))
     return DataSplits(
         name=name,
         input_shape=tuple(images.shape[1:]),
@@ -103,24 +110,28 @@ def image_splits(
         train=TensorSplit(x_train, labels[train_idx]),
         val=TensorSplit(x_val, labels[val_idx]),
         test=TensorSplit(x_test, test_labels),
+        augment=augment,
     )
 
 
-def require_data_dir(name: str, opts: LoadOptions) -> Path:
-    """The data directory for a file-backed set, or a UserError saying what to pass."""
+def require_data_dir(name: str, opts: LoadOptions, *, downloadable: bool = True) -> Path:
+    """The data directory for a file-backed set, or a UserError saying what to pass (and, for a set
+    torchvision can fetch, that --download would)."""
     if opts.data_dir is None:
+        hint = f" (add --download to fetch {name} there when the network allows)"
         raise UserError(
             f"The {name} data set is read from a local directory, and none was given. "
-            f"Pass --data-dir PATH (add --download to fetch {name} there when the network allows)."
+            f"Pass --data-dir PATH{hint if downloadable else ''}."
         )
     root = opts.data_dir
     if root.exists() and not root.is_dir():
         raise UserError(f"The data directory {root} for {name} is a file, not a directory.")
     if not root.exists():
         if not opts.download:
+            hint = f", or add --download to fetch {name} into it" if downloadable else ""
             raise UserError(
                 f"The data directory {root} for {name} does not exist. Pass --data-dir with an "
-                f"existing directory, or add --download to fetch {name} into it."
+                f"existing directory{hint}."
             )
         # Downloading into a fresh directory is the normal first use of --download.
         try:

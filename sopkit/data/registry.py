@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sopkit.data.cache import default_cache_dir
 from sopkit.data.folder import load_imagefolder
+from sopkit.data.imagenet import load_imagenet
 from sopkit.data.offline import load_digits, load_mnist1d
 from sopkit.data.prepare import LoadOptions
 from sopkit.data.splits import DataSplits
@@ -34,6 +35,9 @@ class DatasetSpec:
     # `sopkit compare` trains this many epochs when --epochs is not given: enough for the small
     # offline sets to converge (MK needs more steps than the baseline, paper Section 5).
     default_epochs: int = 30
+    # `sopkit compare`'s --augment when it is not given: the standard recipe for the image sets.
+    # "none" here also means the set has no standard recipe (--augment standard is then none).
+    default_augment: str = "standard"
 
 
 def _registry(*specs: DatasetSpec) -> dict[str, DatasetSpec]:
@@ -47,6 +51,7 @@ DATASETS: dict[str, DatasetSpec] = _registry(
         needs_data_dir=False,
         loader=load_mnist1d,
         default_epochs=200,
+        default_augment="none",
     ),
     DatasetSpec(
         "digits",
@@ -54,30 +59,42 @@ DATASETS: dict[str, DatasetSpec] = _registry(
         needs_data_dir=False,
         loader=load_digits,
         default_epochs=100,
+        default_augment="none",
     ),
     DatasetSpec(
         "mnist",
-        "MNIST 28x28 grey digits, 10 classes, from <data-dir>/MNIST/raw.",
+        "MNIST 28x28 grey digits, 10 classes, from <data-dir>/MNIST/raw; augment: crop (pad 2).",
         needs_data_dir=True,
         loader=load_mnist,
     ),
     DatasetSpec(
         "fashion-mnist",
-        "Fashion-MNIST 28x28 grey clothing, 10 classes, from <data-dir>/FashionMNIST/raw.",
+        "Fashion-MNIST 28x28 grey clothing, 10 classes, from <data-dir>/FashionMNIST/raw; "
+        "augment: crop (pad 2) + flip.",
         needs_data_dir=True,
         loader=load_fashion_mnist,
     ),
     DatasetSpec(
         "cifar10",
-        "CIFAR-10 32x32 colour images, 10 classes, from <data-dir>/cifar-10-batches-py.",
+        "CIFAR-10 32x32 colour images, 10 classes, from <data-dir>/cifar-10-batches-py; augment: "
+        "crop (pad 4) + flip.",
         needs_data_dir=True,
         loader=load_cifar10,
     ),
     DatasetSpec(
         "imagefolder",
-        "Your images in <data-dir>/{train,test}/<class>/, resized square, via a DataLoader.",
+        "Your images in <data-dir>/{train,test}/<class>/, resized square, via a DataLoader; "
+        "augment: crop (pad 1/8) + flip.",
         needs_data_dir=True,
         loader=load_imagefolder,
+    ),
+    DatasetSpec(
+        "imagenet",
+        "ImageNet in <data-dir>/{train,val}/<wnid>/*.JPEG (val is the test set), 224 crops via "
+        "DataLoader workers; augment: random-resized crop + flip.",
+        needs_data_dir=True,
+        loader=load_imagenet,
+        default_epochs=90,  # the standard ResNet recipe
     ),
 )
 
@@ -103,14 +120,18 @@ def load_dataset(
     num_workers: int = 2,
     cache_dir: str | Path | None = None,
     image_size: int = 32,
+    crop_size: int = 224,
+    resize_size: int = 256,
 ) -> DataSplits:
     """Load a data set by the name a user typed, with validation carved from its training set.
 
     ``data_dir`` is where file-backed sets live (required for them, ignored by the others);
     ``download`` lets torchvision fetch missing files there. ``val_fraction`` of the training set,
     chosen by ``split_seed``, becomes the validation split. ``num_workers`` is for ``DataLoader``
-    -backed splits (imagefolder), ``image_size`` the square side imagefolder resizes to, and
-    ``cache_dir`` where generated data (mnist1d) is cached (default: :func:`default_cache_dir`).
+    -backed splits (imagefolder, imagenet), ``image_size`` the square side imagefolder resizes
+    to, ``crop_size`` and ``resize_size`` imagenet's crop side and the shorter side it resizes
+    evaluation images to before the centre crop, and ``cache_dir`` where generated data (mnist1d)
+    is cached (default: :func:`default_cache_dir`).
 
     Every user mistake (unknown name, bad value, missing or corrupt files) raises
     :class:`~sopkit.errors.UserError`. Splits are on the CPU; use :meth:`DataSplits.to`.
@@ -133,8 +154,13 @@ def load_dataset(
         raise UserError(f"split_seed must be an integer in [0, 2**63), got {split_seed!r}.")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise UserError(f"image_size must be a positive integer, got {image_size!r}.")
+    for option, size in (
+        ("image_size", image_size),
+        ("crop_size", crop_size),
+        ("resize_size", resize_size),
+    ):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise UserError(f"{option} must be a positive integer, got {size!r}.")
 
     opts = LoadOptions(
         # An empty string is as good as no directory at all (e.g. an unset environment variable).
@@ -145,5 +171,7 @@ def load_dataset(
         num_workers=num_workers,
         cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
         image_size=image_size,
+        crop_size=crop_size,
+        resize_size=resize_size,
     )
     return spec.loader(opts)

@@ -17,13 +17,15 @@ loop (not even under ``TYPE_CHECKING``): no import cycle is possible.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sopkit.data.augment import AUGMENTS, BatchAugment
+from sopkit.data.pipeline import SampleTransform, SeededOrder, cpu_generator, seed_worker
 from sopkit.errors import UserError
 
 __all__ = ["Batch", "DataSplits", "LoaderSplit", "Split", "TensorSplit"]
@@ -131,6 +133,11 @@ class LoaderSplit:
     device is CUDA so that copy really overlaps with compute. With ``num_workers > 0`` the workers
     are persistent, and the ``DataLoader`` is kept between epochs (for the same batch size, shuffle
     flag and generator) so they are not re-spawned every epoch. :meth:`close` lets them go.
+
+    A :class:`~sopkit.data.pipeline.SampleTransform` with a random transform gets a seed per
+    sample from the generator (see :mod:`sopkit.data.pipeline`), so its augmentation is the same for
+    the same generator with any number of workers. ``on_device`` (e.g. a
+    :class:`~sopkit.data.pipeline.Normalize`) finishes each input batch after the copy.
     """
 
     def __init__(
@@ -139,12 +146,14 @@ class LoaderSplit:
         *,
         num_workers: int = 2,
         device: torch.device | str = "cpu",
+        on_device: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise UserError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
         self.dataset = dataset
         self.num_workers = num_workers
         self.device = torch.device(device)
+        self.on_device = on_device
         self._length = len(dataset)  # type: ignore[arg-type]
         self._loader: DataLoader[Any] | None = None
         self._loader_key: tuple[int, bool, int | None] | None = None
@@ -160,8 +169,10 @@ class LoaderSplit:
     ) -> Iterator[Batch]:
         """One epoch in batches of ``batch_size`` (last partial batch kept), on :attr:`device`.
 
-        With ``shuffle`` the ``DataLoader``'s sampler draws its order from ``generator``, which
-        also seeds the workers, so the same generator state gives the same epoch.
+        With ``shuffle`` the sampler draws its order (and the per-sample seeds of a random
+        transform) from ``generator``, which also seeds the workers, so the same generator state
+        gives the same epoch. A generator on another device is replaced by a CPU one seeded from it
+        (once per loader: the ``DataLoader`` samples on the CPU).
         """
         _check_batch_size(batch_size)
         return self._iterate(self._get_loader(batch_size, shuffle, generator))
@@ -173,14 +184,17 @@ class LoaderSplit:
         key = (batch_size, shuffle, None if generator is None else id(generator))
         if self._loader is None or self._loader_key != key:
             self.close()
+            on_cpu = cpu_generator(generator)
+            seeded = isinstance(self.dataset, SampleTransform) and self.dataset.random
             self._loader = DataLoader(
                 self.dataset,
                 batch_size=batch_size,
-                shuffle=shuffle,
+                sampler=SeededOrder(len(self), shuffle=shuffle, generator=on_cpu, seeded=seeded),
                 num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=self.num_workers > 0,
-                generator=generator,
+                generator=on_cpu,
+                worker_init_fn=seed_worker,
                 drop_last=False,
             )
             self._loader_key = key
@@ -188,7 +202,10 @@ class LoaderSplit:
 
     def _iterate(self, loader: DataLoader[Any]) -> Iterator[Batch]:
         for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
+            if self.on_device is not None:
+                x = self.on_device(x)
+            yield x, y.to(self.device, non_blocking=True)
 
     def close(self) -> None:
         """Drop the cached ``DataLoader`` so its persistent worker processes can exit."""
@@ -197,7 +214,9 @@ class LoaderSplit:
 
     def to(self, device: torch.device | str) -> LoaderSplit:
         """A split over the same dataset whose batches are moved to ``device``."""
-        return LoaderSplit(self.dataset, num_workers=self.num_workers, device=device)
+        return LoaderSplit(
+            self.dataset, num_workers=self.num_workers, device=device, on_device=self.on_device
+        )
 
 
 @dataclass
@@ -210,10 +229,31 @@ class DataSplits:
     train: Split
     val: Split  # carved from the training set, never the test set
     test: Split
+    # The set's standard training augmentation (``--augment standard``), in one of two forms: a
+    # recipe the training loop applies to each training batch on the device (in-memory sets), or
+    # the training examples with the augmentation in their input pipeline (ImageNet's workers).
+    augment: BatchAugment | None = None
+    augmented_train: Split | None = None
+
+    def training_split(self, augment: str) -> tuple[Split, BatchAugment | None]:
+        """The split a training run draws its batches from under ``--augment augment``, and the
+        recipe the loop applies to each of those batches (None: none). ``standard`` on a set
+        without a recipe (mnist1d, digits) trains on the plain examples."""
+        if augment not in AUGMENTS:
+            raise UserError(f"Unknown augmentation {augment!r}. Valid: {', '.join(AUGMENTS)}.")
+        if augment == "none":
+            return self.train, None
+        train = self.train if self.augmented_train is None else self.augmented_train
+        return train, self.augment
 
     def to(self, device: torch.device | str) -> DataSplits:
         """The same data set with every split's batches on ``device``."""
         device = torch.device(device)
+        augmented = self.augmented_train
         return replace(
-            self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device)
+            self,
+            train=self.train.to(device),
+            val=self.val.to(device),
+            test=self.test.to(device),
+            augmented_train=None if augmented is None else augmented.to(device),
         )

@@ -17,11 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from sopkit.data.augment import CropFlip
 from sopkit.data.prepare import LoadOptions, image_splits, require_data_dir
 from sopkit.data.splits import DataSplits
 from sopkit.errors import UserError
 
 __all__ = ["load_cifar10", "load_fashion_mnist", "load_mnist"]
+
+# The standard recipes (--augment standard): CIFAR-10's random 32x32 crop of the image padded by 4
+# and a flip; for the 28x28 sets a crop of the image padded by 2, and a flip for Fashion-MNIST only
+# (clothing is left-right symmetric; a mirrored digit is another glyph, or none).
+CIFAR10_AUGMENT = CropFlip(padding=4, flip=True)
+MNIST_AUGMENT = CropFlip(padding=2, flip=False)
+FASHION_MNIST_AUGMENT = CropFlip(padding=2, flip=True)
 
 # What a failed download raises: network errors are OSErrors (URLError, socket timeouts, SSL),
 # torchvision raises RuntimeError for a checksum mismatch or when every mirror failed, and a
@@ -136,11 +144,20 @@ def load_cifar10(opts: LoadOptions) -> DataSplits:
     test_images, test_labels = to_tensors(test_ds)
     num_classes = len(train_ds.classes)
     return image_splits(
-        "cifar10", images, labels, test_images, test_labels, num_classes=num_classes, opts=opts
+        "cifar10",
+        images,
+        labels,
+        test_images,
+        test_labels,
+        num_classes=num_classes,
+        opts=opts,
+        augment=CIFAR10_AUGMENT,
     )
 
 
-def _load_mnist_family(name: str, class_name: str, opts: LoadOptions) -> DataSplits:
+def _load_mnist_family(
+    name: str, class_name: str, opts: LoadOptions, augment: CropFlip
+) -> DataSplits:
     """MNIST or Fashion-MNIST from ``<data_dir>/<class_name>/raw`` (decompressed idx files)."""
     root = require_data_dir(name, opts)
     import torchvision.datasets  # lazy: slow to import
@@ -185,14 +202,15 @@ def _load_mnist_family(name: str, class_name: str, opts: LoadOptions) -> DataSpl
         test_ds.targets.to(torch.int64),
         num_classes=len(train_ds.classes),
         opts=opts,
+        augment=augment,
     )
 
 
 def load_mnist(opts: LoadOptions) -> DataSplits:
     """MNIST handwritten digits, 28x28 grey."""
-    return _load_mnist_family("mnist", "MNIST", opts)
+    return _load_mnist_family("mnist", "MNIST", opts, MNIST_AUGMENT)
 
 
 def load_fashion_mnist(opts: LoadOptions) -> DataSplits:
     """Fashion-MNIST clothing images, 28x28 grey."""
-    return _load_mnist_family("fashion-mnist", "FashionMNIST", opts)
+    return _load_mnist_family("fashion-mnist", "FashionMNIST", opts, FASHION_MNIST_AUGMENT)

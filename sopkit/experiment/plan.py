@@ -10,6 +10,7 @@ share their members.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -25,14 +26,24 @@ from sopkit.checks import (
     default_of,
 )
 from sopkit.errors import UserError
-from sopkit.experiment.presets import load_preset
+from sopkit.experiment.presets import load_preset, option_text, rescale_preset
 from sopkit.experiment.records import TrialSpec
-from sopkit.training.config import DEFAULT_DEVICE, DEFAULT_LR, DEVICE_HELP, TrainConfig
+from sopkit.training.config import (
+    DEFAULT_DEVICE,
+    DEFAULT_LR,
+    DEVICE_HELP,
+    TrainConfig,
+    parse_milestones,
+)
 
 # The paper's learning-rate grids (Section 5.1): base * 1.5^i for i in [-4, 5]; the bases are also
 # the default rates when no grid is given.
 PAPER_LR_BASE = DEFAULT_LR
 PAPER_LR_EXPONENTS = tuple(range(-4, 6))
+#: The widest paper-grid exponent accepted: 1.5^100 is about 4e17.
+MAX_LR_EXPONENT = 100
+#: The most seeds one comparison takes: each seed is a trial per strategy and rate.
+MAX_SEEDS = 100_000
 
 
 def parse_lr_grid(text: str | None) -> tuple[int, ...] | tuple[float, ...] | None:
@@ -50,6 +61,11 @@ def parse_lr_grid(text: str | None) -> tuple[int, ...] | tuple[float, ...] | Non
         low, high = int(match.group(1)), int(match.group(2))
         if low > high:
             raise UserError(f"--lr-grid {text}: the range {low}..{high} is empty.")
+        if max(abs(low), abs(high)) > MAX_LR_EXPONENT:
+            raise UserError(
+                f"--lr-grid {text}: exponents must be within -{MAX_LR_EXPONENT}..{MAX_LR_EXPONENT} "
+                f"(base*1.5^i beyond that is not a learning rate anyone trains with)."
+            )
         return tuple(range(low, high + 1))
     try:
         rates = tuple(float(part) for part in text.split(",") if part.strip())
@@ -58,8 +74,8 @@ def parse_lr_grid(text: str | None) -> tuple[int, ...] | tuple[float, ...] | Non
             f"--lr-grid {text!r} is not valid. Use 'paper', 'paper:-2..2' or rates like "
             "'0.01,0.003'."
         ) from None
-    if not rates or any(not rate > 0 for rate in rates):
-        raise UserError(f"--lr-grid {text!r}: learning rates must be positive numbers.")
+    if not rates or any(not (rate > 0 and math.isfinite(rate)) for rate in rates):
+        raise UserError(f"--lr-grid {text!r}: learning rates must be positive finite numbers.")
     return rates
 
 
@@ -161,7 +177,8 @@ class ComparePlan:
             full = tuple(exps) == PAPER_LR_EXPONENTS
             parts.append(
                 f"{'the paper' if full else 'a reduced'} learning-rate grid: base*1.5^i for i in "
-                f"[{exps[0]}..{exps[-1]}] (Adam base 0.001, SGD base 0.025"
+                f"[{exps[0]}..{exps[-1]}] (Adam base {PAPER_LR_BASE['adam']:g}, SGD base "
+                f"{PAPER_LR_BASE['sgd']:g}"
                 + ("" if full else "; the paper uses i in [-4..5]")
                 + ")"
             )
@@ -170,7 +187,8 @@ class ComparePlan:
         parts.append(f"{len(self.seeds)} seeds ({self.seeds[0]}..{self.seeds[-1]})")
         if epochs:
             parts.append(f"{epochs} epochs")
-        parts.append(f"batch {self.train.get('batch_size', 256)}, expansion e = {self.expansion}")
+        batch = self.train.get("batch_size", default_of(TrainConfig, "batch_size"))
+        parts.append(f"batch {batch}, expansion e = {self.expansion}")
         return "; ".join(parts)
 
 
@@ -182,10 +200,15 @@ class Execution:
     threads: int = field(default=1, metadata=_help(
         "torch CPU threads per trial; the same with any --jobs, so results do not depend on it. "
         "Raise it for big models on the CPU."))
+    data_workers: int = field(default=2, metadata=_help(
+        "DataLoader worker processes per split of a file-backed set (imagefolder, imagenet; "
+        "ImageNet on a GPU wants 8 or more); 0 loads in the trial's process. Augmentation is "
+        "seeded per sample, so results do not depend on it."))
 
     def __post_init__(self) -> None:
-        check_int("--jobs", self.jobs, maximum=1024)
-        check_int("--threads", self.threads, maximum=1024)
+        check_int("--jobs", self.jobs)
+        check_int("--threads", self.threads)
+        check_int("--data-workers", self.data_workers, minimum=0, maximum=1024)
 
 
 @dataclass(frozen=True)
@@ -214,6 +237,11 @@ def build_plan(
     lr_grid: str | None = None,
     weight_decay: float | None = None,
     schedule: str | None = None,
+    milestones: str | None = None,
+    lr_decay: float | None = None,
+    warmup_epochs: int | None = None,
+    label_smoothing: float | None = None,
+    augment: str | None = None,
     expansion: int | None = None,
     bf16: bool = False,
     options: dict[str, str] | None = None,
@@ -222,10 +250,16 @@ def build_plan(
     download: bool = False,
 ) -> ComparePlan:
     """A plan from a preset (if any) with every explicitly given value overriding it; what neither
-    gives comes from ``ComparePlan``'s and ``TrainConfig``'s defaults (the data set's epochs)."""
+    gives comes from ``ComparePlan``'s and ``TrainConfig``'s defaults (the data set's epochs).
+
+    ``epochs`` other than the preset's scales the preset's other counts of epochs with it
+    (:func:`~sopkit.experiment.presets.rescale_preset`); values given here are never scaled.
+    """
     from sopkit.data import dataset_spec
 
-    settings = load_preset(preset) if preset else {}
+    settings = load_preset(preset) if preset is not None else {}
+    if epochs is not None:
+        settings = rescale_preset(settings, epochs)
 
     def pick(value: Any, key: str, default: Any) -> Any:
         return value if value is not None else settings.get(key, default)
@@ -237,18 +271,41 @@ def build_plan(
         return default_of(TrainConfig, name)
 
     dataset_name = pick(dataset, "dataset", plan_default("dataset"))
-    seed_count = check_int("--seeds", pick(seeds, "seeds", len(plan_default("seeds"))))
+    seed_count = check_int(
+        "--seeds", pick(seeds, "seeds", len(plan_default("seeds"))), maximum=MAX_SEEDS
+    )
     first_seed = check_int("--first-seed", first_seed, minimum=0, maximum=MAX_INT - seed_count + 1)
     if lr is not None and lr_grid is not None:
         raise UserError("Give either --lr or --lr-grid, not both.")
+    if milestones is not None:
+        try:
+            drops: tuple[int, ...] | None = parse_milestones(milestones)
+        except ValueError as error:
+            raise UserError(f"--milestones {milestones!r} is not valid: {error}.") from None
+    else:
+        drops = None
+    # A preset's single rate, unless the command line gives a rate or a grid.
+    rate = lr if lr is not None or lr_grid is not None else settings.get("lr")
     train = {
         "epochs": pick(epochs, "epochs", dataset_spec(dataset_name).default_epochs),
         "batch_size": pick(batch_size, "batch_size", train_default("batch_size")),
         "weight_decay": pick(weight_decay, "weight_decay", train_default("weight_decay")),
         "schedule": pick(schedule, "schedule", train_default("schedule")),
+        "milestones": tuple(pick(drops, "milestones", train_default("milestones"))),
+        "lr_decay": pick(lr_decay, "lr_decay", train_default("lr_decay")),
+        "lr_warmup_epochs": pick(
+            warmup_epochs, "warmup_epochs", train_default("lr_warmup_epochs")
+        ),
+        "label_smoothing": pick(
+            label_smoothing, "label_smoothing", train_default("label_smoothing")
+        ),
+        "momentum": settings.get("momentum", train_default("momentum")),
         "bf16": bf16,
+        "augment": _augment(
+            pick(augment, "augment", None), dataset_spec(dataset_name).default_augment
+        ),
     }
-    preset_options = {k: str(v) for k, v in settings.get("options", {}).items()}
+    preset_options = {k: option_text(v) for k, v in settings.get("options", {}).items()}
     return ComparePlan(
         dataset=dataset_name,
         models=tuple(pick(models, "models", plan_default("models"))),
@@ -260,7 +317,7 @@ def build_plan(
             lr_grid if (lr_grid is not None or lr is not None) else settings.get("lr_grid")
         ),
         train=train,
-        lr=lr,
+        lr=rate,
         expansion=pick(expansion, "expansion", plan_default("expansion")),
         options={**preset_options, **(options or {})},
         device=device,
@@ -268,6 +325,17 @@ def build_plan(
         download=download,
         preset=settings.get("name"),
     )
+
+
+def _augment(value: str | None, dataset_default: str) -> str:
+    """The ``--augment`` a plan trains with: the data set's default when not given; ``standard``
+    on a set without a standard recipe (its default is ``none``: mnist1d, digits) is ``none``, so
+    such a trial keeps its key."""
+    if value is None:
+        return dataset_default
+    if value == "standard" and dataset_default == "none":
+        return "none"
+    return value  # TrainConfig checks it
 
 
 def default_out_dir(plan: ComparePlan) -> Path:

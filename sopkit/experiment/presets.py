@@ -1,12 +1,15 @@
 """Named comparison plans shipped as TOML (``presets/*.toml`` beside this module), or a user's file.
 
 A preset gives the values of ``sopkit compare`` options; options given on the command line override
-it (``plan.build_plan``).
+it (``plan.build_plan``). Its counts of epochs (``milestones``, ``warmup_epochs`` and the strategy
+options ``epochs`` and ``milestones``) are written for its ``epochs``: ``--epochs N`` scales them to
+N (:func:`rescale_preset`), so a short trial run of a preset keeps its shape.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,63 @@ PRESET_KEYS = {
     "schedule",
     "weight_decay",
     "options",
+    # The training recipe (``TrainConfig``): a single rate instead of a grid, drops, warm-up, ...
+    "lr",
+    "milestones",
+    "lr_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "momentum",
+    "augment",  # none or standard (the data set's recipe); a preset without it takes the set's
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_option_value(value: Any) -> bool:
+    # A list of integers is an option's comma-separated list (``"mk.milestones" = [90, 180]``).
+    return isinstance(value, str | bool | int | float) or (
+        isinstance(value, list) and all(_is_int(v) for v in value)
+    )
+
+
+#: Each key's check, and what it expects in words.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "models": (_is_names, "a list of strings"),
+    "optimizers": (_is_names, "a list of strings"),
+    "strategies": (_is_names, "a list of strings"),
+    "seeds": (_is_int, "an integer"),
+    "epochs": (_is_int, "an integer"),
+    "batch_size": (_is_int, "an integer"),
+    "expansion": (_is_int, "an integer"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "lr_grid": (lambda v: isinstance(v, str), "a string"),
+    "schedule": (lambda v: isinstance(v, str), "a string"),
+    "weight_decay": (_is_number, "a number"),
+    "options": (
+        lambda v: isinstance(v, dict) and all(_is_option_value(x) for x in v.values()),
+        "a table of strings, numbers, booleans or lists of integers",
+    ),
+    "lr": (_is_number, "a number"),
+    "milestones": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+                   "a list of integers"),
+    "lr_decay": (_is_number, "a number"),
+    "warmup_epochs": (_is_int, "an integer"),
+    "label_smoothing": (_is_number, "a number"),
+    "momentum": (_is_number, "a number"),
+    "augment": (lambda v: isinstance(v, str), "a string"),
 }
 
 
@@ -56,21 +116,69 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             f"Preset {path} has unknown keys {', '.join(unknown)}. Valid keys: "
             f"{', '.join(sorted(PRESET_KEYS))}."
         )
-    expected = {
-        "models": list,
-        "optimizers": list,
-        "strategies": list,
-        "seeds": int,
-        "epochs": int,
-        "batch_size": int,
-        "expansion": int,
-        "dataset": str,
-        "lr_grid": str,
-        "options": dict,
-        "schedule": str,
-    }
-    for key, kind in expected.items():
-        if key in data and not isinstance(data[key], kind):
-            raise UserError(f"Preset {path}: {key} must be a {kind.__name__}, got {data[key]!r}.")
+    for key, value in data.items():
+        check, kind = _KINDS.get(key, (lambda v: True, ""))
+        if not check(value):
+            raise UserError(f"Preset {path}: {key} must be {kind}, got {value!r}.")
+    if "lr" in data and "lr_grid" in data:
+        raise UserError(f"Preset {path} gives both lr and lr_grid: give one.")
     data.setdefault("name", path.stem)
     return data
+
+
+def option_text(value: Any) -> str:
+    """A preset's option value as ``--set`` gives it: a list of integers comma-separated."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def rescale_preset(settings: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """``settings`` (a loaded preset) with every count of epochs scaled from its ``epochs`` to
+    ``epochs``: its ``milestones`` and ``warmup_epochs``, and the strategy options ``epochs`` and
+    ``milestones`` in its ``options``, each times ``epochs / settings["epochs"]``, rounded.
+
+    A scaled training lasts at least one epoch and a warm-up less than the training. Scaled
+    milestones that land at 0, on another, or at or past the end of their training (the strategy's
+    own scaled ``epochs`` where it has them) are left out; a step schedule left without any trains
+    at a constant rate. A value that does not parse is kept as it is (the check that reads it
+    reports it). Without ``epochs`` in the preset, or at the same value, nothing changes.
+    """
+    old = settings.get("epochs")
+    if not isinstance(old, int) or old == epochs:
+        return settings
+    ratio = epochs / old
+
+    def stretched(values: list[int], end: int | None) -> list[int]:
+        kept = {round(v * ratio) for v in values}
+        return sorted(v for v in kept if v >= 1 and (end is None or v < end))
+
+    scaled = dict(settings, epochs=epochs)
+    if "milestones" in settings:
+        scaled["milestones"] = stretched(settings["milestones"], epochs)
+        if settings["milestones"] and not scaled["milestones"]:
+            scaled["schedule"] = "constant"
+    if "warmup_epochs" in settings:
+        scaled["warmup_epochs"] = min(round(settings["warmup_epochs"] * ratio), epochs - 1)
+    options = dict(settings.get("options", {}))
+    for key, value in settings.get("options", {}).items():
+        count = _ints(value)
+        if key.rpartition(".")[2] == "epochs" and count and len(count) == 1:
+            options[key] = max(1, round(count[0] * ratio))
+    for key, value in settings.get("options", {}).items():
+        scope, _, name = key.rpartition(".")
+        values = _ints(value)
+        if name == "milestones" and values is not None:
+            own = _ints(options.get(f"{scope}.epochs" if scope else "epochs", ""))
+            options[key] = stretched(values, own[0] if own else None)
+    if options:
+        scaled["options"] = options
+    return scaled
+
+
+def _ints(value: Any) -> list[int] | None:
+    """An option value as integers (``330``, ``"90,180"``, ``[90, 180]``), or None if it is not."""
+    try:
+        return [int(part) for part in option_text(value).split(",") if part.strip()]
+    except ValueError:
+        return None

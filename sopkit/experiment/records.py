@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypedDict
 
+from sopkit.errors import UserError
+
 FINISHED = "finished"
 DIVERGED = "diverged"
 
@@ -54,6 +56,18 @@ TRIAL_KEY_TRAIN_FIELDS = (
 _NO_DEFAULT = object()  # never equal to a value: a field without a default always enters the key
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` is ``default`` as stored: a tuple default (``milestones=()``) comes back
+    from the JSON of a stored trial as a list, and must still count as the default."""
+    if default is _NO_DEFAULT:
+        return False
+    if value == default:
+        return True
+    return json.dumps(value, sort_keys=True, default=str) == json.dumps(
+        default, sort_keys=True, default=str
+    )
+
+
 def _defaults(cls: type) -> dict[str, Any]:
     """A dataclass's field defaults by name (fields without one are left out)."""
     defaults: dict[str, Any] = {}
@@ -72,16 +86,23 @@ def _train_defaults() -> dict[str, Any]:
     return _defaults(TrainConfig)
 
 
-def _identity_train(train: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a TrainConfig dict that identifies a trial (see TRIAL_KEY_FIELDS)."""
+def _identity_train(train: Mapping[str, Any], *, strict: bool = True) -> dict[str, Any]:
+    """The part of a TrainConfig dict that identifies a trial (see TRIAL_KEY_FIELDS).
+
+    ``strict``: a listed field missing is an error (a key computed without it would silently differ
+    from every stored one). Grouping stored trials is not strict: a row written by hand or by
+    another tool without a field still groups (with the rows that lack it too).
+    """
     missing = [name for name in TRIAL_KEY_TRAIN_FIELDS if name not in train]
-    if missing:
+    if missing and strict:
         raise KeyError(f"the trial key needs train fields {', '.join(missing)}")
-    identity = {name: train[name] for name in TRIAL_KEY_TRAIN_FIELDS}
+    identity = {name: train[name] for name in TRIAL_KEY_TRAIN_FIELDS if name in train}
     added = [name for name in train if name not in TRIAL_KEY_TRAIN_FIELDS]
     if added:
         defaults = _train_defaults()
-        identity.update({n: train[n] for n in added if train[n] != defaults.get(n, _NO_DEFAULT)})
+        identity.update(
+            {n: train[n] for n in added if not _is_default(train[n], defaults.get(n, _NO_DEFAULT))}
+        )
     return identity
 
 
@@ -106,15 +127,16 @@ class TrialSpec:
         record["options"] = dict(sorted(self.options.items()))
         return record
 
-    def identity(self) -> dict[str, Any]:
-        """The fields the key hashes: TRIAL_KEY_FIELDS, and later fields away from their default."""
+    def identity(self, *, strict: bool = True) -> dict[str, Any]:
+        """The fields the key hashes: TRIAL_KEY_FIELDS, and later fields away from their default
+        (``strict``: see ``_identity_train``)."""
         record = self.as_dict()
         identity = {name: record[name] for name in TRIAL_KEY_FIELDS}
         defaults = _defaults(type(self))
         for name, value in record.items():
             if name not in TRIAL_KEY_FIELDS and value != defaults.get(name, _NO_DEFAULT):
                 identity[name] = value
-        identity["train"] = _identity_train(self.train)
+        identity["train"] = _identity_train(self.train, strict=strict)
         return identity
 
     @property
@@ -126,7 +148,13 @@ class TrialSpec:
     def from_dict(cls, record: Mapping[str, Any]) -> TrialSpec:
         """A spec from a stored ``spec`` column or a flat trial dict (other keys are ignored)."""
         names = {spec_field.name for spec_field in fields(cls)}
-        return cls(**{name: value for name, value in record.items() if name in names})
+        # Mappings a hand-edited or foreign row may lack read as empty, not as a crash.
+        values: dict[str, Any] = {"train": {}, "options": {}}
+        values.update({name: value for name, value in record.items() if name in names})
+        missing = sorted(names - set(values))
+        if missing:
+            raise UserError(f"A stored trial lacks the fields {', '.join(missing)}: {dict(record)}")
+        return cls(**values)
 
 
 class CurvePoint(TypedDict):

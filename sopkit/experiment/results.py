@@ -122,7 +122,7 @@ def _group_key(record: TrialRecord) -> Any:
     The same identity as the trial key's, so a TrainConfig field added later at its default does not
     split a resumed comparison's old and new trials into two groups.
     """
-    identity = record.spec.identity()
+    identity = record.spec.identity(strict=False)
     for name in ("strategy", "seed", "lr"):
         del identity[name]
     identity["train"].pop("lr", None)

@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sopkit.checks import default_of
 from sopkit.experiment.plan import ComparePlan, Execution, Job, plan_record
 from sopkit.experiment.provenance import provenance
 from sopkit.experiment.records import TrialSpec
@@ -33,10 +34,17 @@ class PlanRunner:
     it starts (:func:`_start_worker`) and keeps it for the jobs it is given.
     """
 
-    def __init__(self, plan: ComparePlan, database: Path, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        plan: ComparePlan,
+        database: Path,
+        threads: int | None = None,
+        data_workers: int = default_of(Execution, "data_workers"),
+    ) -> None:
         self.plan = plan
         self.database = database
         self.threads = threads
+        self.data_workers = data_workers
 
     @cached_property
     def data(self) -> DataSplits:
@@ -44,9 +52,12 @@ class PlanRunner:
         from sopkit.training.device import select_device
 
         plan = self.plan
-        return load_dataset(plan.dataset, data_dir=plan.data_dir, download=plan.download).to(
-            select_device(plan.device)
-        )
+        return load_dataset(
+            plan.dataset,
+            data_dir=plan.data_dir,
+            download=plan.download,
+            num_workers=self.data_workers,
+        ).to(select_device(plan.device))
 
     @cached_property
     def provenance(self) -> dict[str, Any]:
@@ -55,15 +66,18 @@ class PlanRunner:
     def check(self) -> None:
         """Fail in a second on a typo (strategy, option, data set, model, device), not an hour in."""
         from sopkit.models import build_model
-        from sopkit.registry import check_options
+        from sopkit.registry import check_options, create_strategy
         from sopkit.training.device import select_device
         from sopkit.training.settings import StrategySettings
 
         plan = self.plan
         select_device(plan.device)
-        check_options(
-            StrategySettings(expansion=plan.expansion, options=dict(plan.options)), plan.strategies
-        )
+        settings = StrategySettings(expansion=plan.expansion, options=dict(plan.options))
+        check_options(settings, plan.strategies)
+        for name in plan.strategies:  # its own schedule (mk.milestones=...) must fit its epochs
+            strategy = create_strategy(name, settings)
+            for optimizer in plan.optimizers:
+                strategy.schedule(plan.train_config(optimizer, None))
         for model in plan.models:
             build_model(model, input_shape=self.data.input_shape, num_classes=self.data.num_classes)
 
@@ -118,9 +132,9 @@ class PlanRunner:
 _worker_runner: PlanRunner | None = None
 
 
-def _start_worker(plan: ComparePlan, database: Path, threads: int) -> None:
+def _start_worker(plan: ComparePlan, database: Path, threads: int, data_workers: int) -> None:
     global _worker_runner
-    _worker_runner = PlanRunner(plan, database, threads)
+    _worker_runner = PlanRunner(plan, database, threads, data_workers)
 
 
 def _run_job_in_worker(job: Job) -> int:
@@ -136,14 +150,15 @@ def run_plan(
     jobs: int = 1,
     threads: int = 1,
     command: str = "",
+    data_workers: int = default_of(Execution, "data_workers"),
 ) -> list[Group]:
     """Run every unfinished trial of ``plan`` and return the aggregated groups of the plan.
 
     ``command`` is the command line that asked for it, stored with the plan for the reports.
     """
-    Execution(jobs=jobs, threads=threads)  # checks both before anything runs
+    Execution(jobs=jobs, threads=threads, data_workers=data_workers)  # checks before anything runs
     database = out_dir / DATABASE_NAME
-    runner = PlanRunner(plan, database, threads)
+    runner = PlanRunner(plan, database, threads, data_workers)
     runner.check()
     all_jobs = plan.jobs()
     with TrialStore(database) as store:
@@ -161,7 +176,7 @@ def run_plan(
             runner.run_job(job, progress)
             progress.jobs_done(index, len(pending))
     else:
-        _run_parallel(plan, pending, database, progress, jobs, threads)
+        _run_parallel(plan, pending, database, progress, jobs, threads, data_workers)
     keys = {spec.key for job in all_jobs for spec in job.specs}
     with TrialStore(database) as store:
         trials = [t for t in store.trials() if t.key in keys]
@@ -175,6 +190,7 @@ def _run_parallel(
     progress: Progress,
     jobs: int,
     threads: int,
+    data_workers: int,
 ) -> None:
     import multiprocessing
 
@@ -183,7 +199,7 @@ def _run_parallel(
         max_workers=jobs,
         mp_context=context,
         initializer=_start_worker,
-        initargs=(plan, database, threads),
+        initargs=(plan, database, threads, data_workers),
     ) as pool:
         running: set[Future[int]] = {pool.submit(_run_job_in_worker, job) for job in pending}
         finished = 0

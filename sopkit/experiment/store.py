@@ -123,7 +123,12 @@ class TrialStore:
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
         if row is not None:
-            return int(row[0])
+            try:
+                return int(row[0])
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"{self.path} is damaged: its schema version {row[0]!r} is not a number."
+                ) from None
         tables = self._connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
         if tables:
             raise UserError(
@@ -218,7 +223,11 @@ class TrialStore:
             try:
                 with self._transaction():
                     self._connection.execute(
-                        "INSERT OR REPLACE INTO trials VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row
+                        # Columns named: a migration that adds a column keeps this insert valid.
+                        "INSERT OR REPLACE INTO trials (key, status, dataset, model, optimizer, "
+                        "strategy, seed, lr, spec, result, provenance, finished_at) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        row,
                     )
                 return
             except sqlite3.OperationalError as error:  # "database is locked" past the timeout

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sopkit.checks import DEFAULT_EXPANSION, check_expansion
+from sopkit.checks import DEFAULT_EXPANSION, check_expansion, check_int
 from sopkit.errors import UserError
 from sopkit.mk.kernels import (
     COPIES_NAME,
@@ -179,6 +179,8 @@ def expand(
         The expanded model: the same classes, with the copies in the parameter ``sopkit_copies``.
     """
     check_expansion(expansion, "expansion")
+    if seed is not None:
+        check_int("seed", seed, minimum=0)
     if init not in INIT_MODES:
         raise UserError(
             f"Unknown initialisation {init!r}. Valid initialisations: {', '.join(INIT_MODES)}."

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
-from sopkit import torch_private
 from sopkit.mk.autograd import BACKWARD_MODES, FixedMixing, SampledMixing
 from sopkit.mk.buffers import pooled_buffer
 from sopkit.mk.sampling import (
@@ -100,9 +98,6 @@ class MajorityKernels:
         self.last_sampler: str | None = None
         #: The root's refresh and release hooks (removed by collapse).
         self.hook_handles: list[RemovableHandle] = []
-        # Eval-mode weights are recomputed only when the copies may have changed, so a validation
-        # pass over many batches mixes once (see refresh).
-        self._eval_cache_key: tuple[int, int, int, torch.device, torch.dtype] | None = None
 
     @property
     def copies(self) -> nn.Parameter:
@@ -223,25 +218,13 @@ class MajorityKernels:
         elif torch.is_grad_enabled():
             self.assign(self.mean_weights())
         else:
-            # The layers still hold the mean weights of the copies as they were when the key was
-            # taken, unless the copies were replaced (data_ptr), written in place (the version
-            # counter), or stepped by an optimizer: torch's fused optimizer kernels write the
-            # parameters without bumping its version counter, so optimizer steps are counted too.
-            copies = self.copies
-            key = (
-                copies.data_ptr(),
-                torch_private.tensor_version(copies),
-                optimizer_steps(),
-                copies.device,
-                copies.dtype,
-            )
-            if key != self._eval_cache_key:
-                self.assign(self.mean_weights())
-                self._eval_cache_key = key
+            # Recomputed at every eval forward, never cached: one pass over the copies is small
+            # against the forward pass itself, and a cache would need to know when the copies
+            # change, which torch's fused optimizers do not tell (they leave the version counter).
+            self.assign(self.mean_weights(pooled=True))
 
     def assign(self, flat: torch.Tensor) -> None:
         """Hand every bound layer its view of the flat weights ``flat`` (length N)."""
-        self._eval_cache_key = None  # the layers no longer hold the cached mean weights
         # split's backward is one concatenation, so gradients of all layers land in one buffer.
         pieces = torch.split(flat, [k.numel for k in self.kernels])
         for kernel, piece in zip(self.kernels, pieces, strict=True):
@@ -281,23 +264,6 @@ class MajorityKernels:
         )
 
 
-_steps_seen = [0]
-_step_hook: list[RemovableHandle] = []
-
-
-def _count_step(optimizer: object, args: object, kwargs: object) -> None:
-    _steps_seen[0] += 1
-
-
-def optimizer_steps() -> int:
-    """How many optimizer steps (of any optimizer) this process has taken since the first call.
-
-    Counted with torch's global optimizer step hook, registered on first use: an optimizer step
-    may change the copies without anything else telling (fused kernels leave the version counter).
-    """
-    if not _step_hook:
-        _step_hook.append(register_optimizer_step_post_hook(_count_step))
-    return _steps_seen[0]
 
 
 def refresh_before_forward(model: nn.Module, args: object) -> None:

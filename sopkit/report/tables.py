@@ -158,6 +158,14 @@ def config_text(group: Group) -> str:
         parts.append(f"batch {train['batch_size']}")
     if train.get("schedule"):
         parts.append(f"{train['schedule']} schedule")
+    if train.get("milestones"):  # the recipe, where it is not the default
+        drops = ",".join(map(str, train["milestones"]))
+        parts.append(f"x{train.get('lr_decay', 0.1):g} at epochs {drops}")
+    if train.get("lr_warmup_epochs"):
+        warmup = train["lr_warmup_epochs"]
+        parts.append(f"warm-up {warmup} epoch{'s' if warmup != 1 else ''}")
+    if train.get("label_smoothing"):
+        parts.append(f"label smoothing {train['label_smoothing']:g}")
     if train.get("weight_decay"):
         parts.append(f"weight decay {train['weight_decay']}")
     if train.get("bf16"):

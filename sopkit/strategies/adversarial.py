@@ -183,26 +183,35 @@ def normalized_kl_to_uniform(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def virtual_gradient(
-    model: nn.Module, holder: MajorityKernels, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    holder: MajorityKernels,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dL/dw`` of the virtual weights at the uniform mixing (flat, length N), and that loss.
 
     One forward with the mean weights and one ``autograd.grad`` with respect to them: no graph over
     ``p``, no ``(e, N)`` gradient, and nothing accumulated in any ``.grad``. Then
-    ``dL/dp_k = copies_k * dL/dw`` element-wise.
+    ``dL/dp_k = copies_k * dL/dw`` element-wise. ``L`` is the training loss, label-smoothed as
+    the run's is, so the mixing ascends the loss the step descends.
     """
     weights = holder.mean_weights(pooled=True).detach().requires_grad_()
     with fixed_weights(model, weights):
-        loss = F.cross_entropy(model(inputs), targets)
+        loss = F.cross_entropy(model(inputs), targets, label_smoothing=label_smoothing)
     (grad_w,) = torch.autograd.grad(loss, weights)
     return grad_w, loss.detach()
 
 
 def mixing_gradient(
-    model: nn.Module, holder: MajorityKernels, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    holder: MajorityKernels,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dL/dp`` at the uniform mixing, shaped like the copies ``(e, N)``, and that loss."""
-    grad_w, loss = virtual_gradient(model, holder, inputs, targets)
+    grad_w, loss = virtual_gradient(model, holder, inputs, targets, label_smoothing)
     return holder.copies.detach() * grad_w, loss
 
 
@@ -392,7 +401,8 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         holder = find_majority(model)
         if holder is None:  # prepare() expands; a model that is not expanded is a wiring bug
             raise RuntimeError(f"{self.name}: the model is not expanded; was prepare() skipped?")
-        grad_w, _ = virtual_gradient(model, holder, inputs, targets)
+        smoothing = run.config.label_smoothing
+        grad_w, _ = virtual_gradient(model, holder, inputs, targets, smoothing)
         # The random draw is the next of the model's mixing stream, the one plain MK's training
         # forward would take, so with eps = 0 this strategy takes exactly MK's steps.
         draw = holder.draw() if self.random_mixing else None
@@ -404,14 +414,20 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         state.u_sum = mean if getattr(state, "u_sum", None) is None else state.u_sum + mean
         state.u_steps = getattr(state, "u_steps", 0) + 1
         with fixed_weights(model, weights):
-            return F.cross_entropy(model(inputs), targets)
+            return F.cross_entropy(model(inputs), targets, label_smoothing=smoothing)
 
     def mixing(
-        self, model: nn.Module, holder: MajorityKernels, inputs: torch.Tensor, targets: torch.Tensor
+        self,
+        model: nn.Module,
+        holder: MajorityKernels,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mixing ``p`` (shape ``(e, N)``) a step on this batch trains with, and the per-element
-        ``u``, materialised by the reference path (``loss`` never materialises ``p`` when fused)."""
-        grad_p, _ = mixing_gradient(model, holder, inputs, targets)
+        ``u``, materialised by the reference path (``loss`` never materialises ``p`` when fused);
+        ``label_smoothing`` is the run's."""
+        grad_p, _ = mixing_gradient(model, holder, inputs, targets, label_smoothing)
         random_p = holder.sample() if self.random_mixing else None
         return adversarial_mixing(grad_p, self.eps, grad_scale=self.grad_scale, random_p=random_p)
 

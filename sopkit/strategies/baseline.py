@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+from sopkit.checks import check_float
+from sopkit.errors import UserError
 from sopkit.training.config import TrainConfig
 from sopkit.training.settings import StrategySettings
 from sopkit.training.strategy import Strategy
+
+#: How many times the baseline's epochs ``baseline-long`` trains by default.
+DEFAULT_LONG_FACTOR = 3.0
 
 
 class Baseline(Strategy):
@@ -18,15 +21,33 @@ class Baseline(Strategy):
 class BaselineLong(Baseline):
     """The baseline trained for longer, as MK needs more steps to converge (paper: BASELINE-LONG).
 
-    The paper's ImageNet recipe trains 330 instead of 90 epochs; the factor is ``long_factor``
-    (``--set baseline-long.long_factor=3.67`` for exactly that), 3 by default.
+    It trains ``long_factor`` (3 by default) times the comparison's epochs, with the comparison's
+    milestones stretched along (30/60 of 90 become 90/180 of 270), or exactly as its options say:
+    the paper's ImageNet recipe, 330 epochs with drops at 90, 180 and 240, is
+    ``--set baseline-long.epochs=330 --set baseline-long.milestones=90,180,240`` (``epochs`` and
+    ``long_factor`` exclude each other). The strategies compared with it on that schedule take the
+    same two options (every strategy does, see :class:`~sopkit.training.strategy.Strategy`).
     """
 
-    description = "The baseline trained long_factor (default 3) times as many epochs."
+    description = (
+        "The baseline trained long_factor (default 3) times as many epochs, or its own epochs and "
+        "milestones."
+    )
 
     def __init__(self, settings: StrategySettings | None = None) -> None:
         super().__init__(settings)
-        self.long_factor = self.settings.get("long_factor", 3.0)
+        factor = self.settings.get("long_factor", None, float)
+        if factor is not None and self.own_epochs is not None:
+            raise UserError(
+                f"Options {self.name}.epochs and {self.name}.long_factor both set the length of "
+                "its training: give one."
+            )
+        self.long_factor = check_float(
+            f"Option {self.name}.long_factor",
+            DEFAULT_LONG_FACTOR if factor is None else factor,
+            positive=True,
+        )
 
     def schedule(self, config: TrainConfig) -> TrainConfig:
-        return replace(config, epochs=max(1, round(config.epochs * self.long_factor)))
+        epochs = self.own_epochs or max(1, round(config.epochs * self.long_factor))
+        return self._own_schedule(config, epochs)

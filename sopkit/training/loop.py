@@ -11,15 +11,18 @@ distilled student) reuses them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
+from sopkit.data.augment import BatchAugment
 from sopkit.data.splits import DataSplits, Split
 from sopkit.errors import UserError
 from sopkit.mk import count_parameters
@@ -230,9 +233,13 @@ class TrainingSession:
             raise UserError("--bf16 autocast is only supported on CUDA devices.")
         seed_everything(seed)
         model = self.build_model().to(device)
-        steps_per_epoch = _steps_per_epoch(data.train, config.batch_size)
+        # The training examples, and the recipe the loop applies to each of their batches (only
+        # training batches are augmented: evaluation reads data.val and data.test as they are).
+        train_split, recipe = data.training_split(config.augment)
+        augment = _augmenter(recipe, seed, device)
+        steps_per_epoch = _steps_per_epoch(train_split, config.batch_size)
         generator = torch.Generator(device=device).manual_seed(seed)
-        shuffle_generator = _shuffle_generator(data.train, seed)
+        shuffle_generator = _shuffle_generator(train_split, seed)
         run = RunContext(seed, config, device, data, generator, steps_per_epoch, required=required)
         training = TrainingState.start(strategy, model, run)
         model = training.model
@@ -246,9 +253,11 @@ class TrainingSession:
             run.epoch = epoch
             model.train()
             training.loss_sum = torch.zeros((), device=device)
-            for inputs, targets in data.train.batches(
+            for inputs, targets in train_split.batches(
                 config.batch_size, shuffle=True, generator=shuffle_generator
             ):
+                if augment is not None:
+                    inputs = augment(inputs)
                 training.step(inputs, targets)
                 self.progress.advance(label)
             bad_step = int(training.first_bad_step.item())
@@ -287,14 +296,67 @@ class TrainingSession:
             wall_time=time.perf_counter() - started,
             curve=curve,
             diverged_at_step=diverged_at,
-            extra=dict(strategy.report(model, run)),
+            extra=_reported(strategy, model, run),
             model=deployable,
         )
         self.progress.run_finished(label, result)
         return result
 
 
+def _augmenter(
+    recipe: BatchAugment | None, seed: int, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``recipe`` drawing from a generator of its own on the training device, seeded from the run's
+    seed apart from the shuffle generator, so turning augmentation on keeps the batch order."""
+    if recipe is None:
+        return None
+    digest = hashlib.sha256(f"sopkit augment {seed}".encode()).digest()
+    generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    return lambda inputs: recipe(inputs, generator)
+
+
 def _shuffle_generator(split: Split, seed: int) -> torch.Generator:
     """A generator on the device the split's batches are shuffled on (randperm needs them to match)."""
     device = getattr(split, "device", torch.device("cpu"))
     return torch.Generator(device=device).manual_seed(seed)
+
+
+_REPORTABLE = (str, int, float, bool, type(None))
+
+
+def _reportable(value: Any, where: str) -> Any:
+    """``value`` as something a trial record can store (JSON), or a UserError naming ``where``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):  # a numpy scalar
+        return value.item()
+    if isinstance(value, _REPORTABLE):
+        return value
+    if isinstance(value, list | tuple):
+        return [_reportable(item, where) for item in value]
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        return {key: _reportable(item, f"{where}.{key}") for key, item in value.items()}
+    raise UserError(
+        f"{where} is a {type(value).__name__}; a report holds numbers, strings, booleans, None, "
+        "and lists or string-keyed dicts of them."
+    )
+
+
+def _reported(strategy: Strategy, model: nn.Module, run: RunContext) -> dict[str, Any]:
+    """What ``strategy.report`` says about the run, checked: a plugin's mistake there is named
+    (strategy, class and hook) instead of ending in a traceback after the training."""
+    who = f"Strategy {strategy.name!r} ({type(strategy).__module__}.{type(strategy).__qualname__})"
+    try:
+        reported = strategy.report(model, run)
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(
+            f"{who} failed in its report() hook: {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(reported, Mapping) or not all(isinstance(k, str) for k in reported):
+        raise UserError(
+            f"{who}: report() must return a dict with string keys, got {type(reported).__name__}."
+        )
+    return {key: _reportable(value, f"{who}: report()[{key!r}]") for key, value in reported.items()}
+

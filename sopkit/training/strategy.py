@@ -35,18 +35,30 @@ the mode they were in afterwards. A strategy whose result is not one training of
 ensemble combines its members) overrides ``fit(session)`` and calls ``session.train(...)`` once per
 training; it still never runs a loop of its own.
 
-A worked example (a strategy that adds label smoothing), registered in a plugin's pyproject.toml under
-``[project.entry-points."sopkit.strategies"] smooth = "my_plugin:LabelSmoothing"``::
+Every strategy trains on its own schedule when asked: the options ``epochs`` and ``milestones``
+(``--set mk.epochs=330 --set mk.milestones=90,180,240``) are read in ``Strategy.__init__`` and
+applied by the default ``schedule`` (:func:`sopkit.training.config.reschedule`: new epochs without
+new milestones stretch the comparison's drops with them). A strategy that overrides ``schedule``
+passes its result through ``super().schedule`` to keep them; one without a training of its own (an
+ensemble) sets ``schedule_options = False`` and does not take them.
 
-    class LabelSmoothing(sopkit.Strategy):
-        description = "Cross-entropy with label smoothing."
+A loss computes its cross-entropy with ``label_smoothing=run.config.label_smoothing``, the
+comparison's ``--label-smoothing``, as the default ``loss`` does. A worked example (a strategy that
+penalises large logits), registered in a plugin's pyproject.toml under
+``[project.entry-points."sopkit.strategies"] calm = "my_plugin:LogitPenalty"``::
+
+    class LogitPenalty(sopkit.Strategy):
+        description = "Cross-entropy plus beta times the mean squared logit."
 
         def __init__(self, settings):
             super().__init__(settings)
-            self.smoothing = settings.get("smoothing", 0.1, float)
+            self.beta = self.settings.get("beta", 0.01, float)
 
         def loss(self, model, inputs, targets, run):
-            return F.cross_entropy(model(inputs), targets, label_smoothing=self.smoothing)
+            logits = model(inputs)
+            smoothing = run.config.label_smoothing
+            ce = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+            return ce + self.beta * logits.pow(2).mean()
 """
 
 from __future__ import annotations
@@ -59,6 +71,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sopkit.checks import check_int
+from sopkit.errors import UserError
+from sopkit.training.config import check_milestones, parse_milestones, reschedule
 from sopkit.training.settings import StrategySettings
 from sopkit.training.types import RunContext, TrainConfig, TrainResult
 
@@ -100,11 +115,23 @@ class Strategy:
 
     #: One line shown by ``sopkit strategies``.
     description: ClassVar[str] = ""
+    #: Whether the strategy takes the options ``epochs`` and ``milestones`` (its own schedule).
+    schedule_options: ClassVar[bool] = True
 
     def __init__(self, settings: StrategySettings | None = None) -> None:
         self.settings = settings or StrategySettings()
         #: The name the strategy was registered under (set by the registry; the class name otherwise).
         self.name: str = self.settings.strategy_name or type(self).__name__.lower()
+        #: Its own schedule (options ``epochs`` and ``milestones``); None: the comparison's.
+        self.own_epochs: int | None = None
+        self.own_milestones: tuple[int, ...] | None = None
+        if self.schedule_options:
+            self.own_epochs = self.settings.get("epochs", None, int)
+            if self.own_epochs is not None:
+                check_int(f"Option {self.name}.epochs", self.own_epochs)
+            self.own_milestones = self.settings.get("milestones", None, parse_milestones)
+            if self.own_epochs is not None and self.own_milestones is not None:
+                self._check_milestones(self.own_epochs)
 
     @property
     def expansion(self) -> int:
@@ -126,8 +153,29 @@ class Strategy:
         return session.train(self)
 
     def schedule(self, config: TrainConfig) -> TrainConfig:
-        """The training configuration this strategy uses, derived from the comparison's."""
-        return config
+        """The training configuration this strategy uses, derived from the comparison's: with its
+        options ``epochs`` and ``milestones`` applied
+        (:func:`~sopkit.training.config.reschedule`)."""
+        return self._own_schedule(config, self.own_epochs)
+
+    def _own_schedule(self, config: TrainConfig, epochs: int | None) -> TrainConfig:
+        """``config`` trained for ``epochs`` (None: as many as it says) with the ``milestones``
+        option, if given; a bad combination is reported naming the option."""
+        if epochs is None and self.own_milestones is None:
+            return config
+        if self.own_milestones:
+            self._check_milestones(epochs or config.epochs, own=epochs is not None)
+            if config.schedule == "cosine":
+                raise UserError(
+                    f"Option {self.name}.milestones cannot be combined with --schedule cosine: "
+                    "milestones are the drops of a step schedule."
+                )
+        return reschedule(config, epochs, self.own_milestones)
+
+    def _check_milestones(self, epochs: int, *, own: bool = True) -> None:
+        epochs_name = f"{self.name}'s epochs" if own else "--epochs"
+        name = f"Option {self.name}.milestones"
+        check_milestones(name, self.own_milestones, epochs, epochs_name)
 
     def requires(self, seed: int) -> Mapping[str, Requirement]:
         """The other trainings a run of this strategy with ``seed`` needs, by name (default: none).
@@ -158,8 +206,8 @@ class Strategy:
     def loss(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, run: RunContext
     ) -> torch.Tensor:
-        """The scalar training loss of one batch."""
-        return F.cross_entropy(model(inputs), targets)
+        """The scalar training loss of one batch: cross-entropy, label-smoothed as configured."""
+        return F.cross_entropy(model(inputs), targets, label_smoothing=run.config.label_smoothing)
 
     def after_backward(self, model: nn.Module, run: RunContext) -> None:
         """Called after ``backward`` and before the optimizer step."""

@@ -54,17 +54,19 @@ def kd_loss(
     *,
     temperature: float,
     alpha: float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, batch-averaged.
 
     The ``T^2`` keeps the soft term's gradients on the scale of the hard term's as ``T`` changes
-    (the soft gradients scale as ``1/T^2``).
+    (the soft gradients scale as ``1/T^2``). ``label_smoothing`` smooths the hard term's labels only
+    (the comparison's ``--label-smoothing``); the teacher's soft targets are left as they are.
     """
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
     # kl_div(input, target) is KL(target || input), with both as log-probabilities here.
     soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
-    hard = F.cross_entropy(student_logits, targets)
+    hard = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
@@ -86,8 +88,9 @@ class Distillation(Strategy):
             raise UserError(f"Option {self.name}.alpha must be in [0, 1], got {self.alpha}.")
 
     def schedule(self, config: TrainConfig) -> TrainConfig:
-        # The student trains as long as a member does (BASELINE-LONG + KD in the paper's Section 5.2).
-        return member_strategy(self.settings, self.member_kind).schedule(config)
+        # The student trains as long as a member does (BASELINE-LONG + KD in the paper's Section 5.2),
+        # unless its own options epochs and milestones say otherwise.
+        return super().schedule(member_strategy(self.settings, self.member_kind).schedule(config))
 
     def requires(self, seed: int) -> Mapping[str, Requirement]:
         """The teacher's members: the ensemble's, for the same seed."""
@@ -109,8 +112,8 @@ class Distillation(Strategy):
     ) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = run.state.teacher(inputs)
-        return kd_loss(model(inputs), teacher_logits, targets,
-                       temperature=self.temperature, alpha=self.alpha)
+        return kd_loss(model(inputs), teacher_logits, targets, temperature=self.temperature,
+                       alpha=self.alpha, label_smoothing=run.config.label_smoothing)
 
     def report(self, model: nn.Module, run: RunContext) -> dict[str, Any]:
         """The teacher's cost (its members' training time, reused or not) and its accuracy."""

@@ -97,6 +97,9 @@ class Ensemble(Strategy):
     parameters. Option ``member``: ``baseline`` (default) or ``baseline-long``."""
 
     description = "Ensemble of e independently seeded baselines (probabilities averaged)."
+    # No training of its own: its members train on their strategy's schedule (``member``), so the
+    # options epochs and milestones go to that strategy (``--set baseline-long.epochs=330``).
+    schedule_options = False
 
     def __init__(self, settings: StrategySettings | None = None) -> None:
         super().__init__(settings)
