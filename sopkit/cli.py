@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from sopkit.bench.config import BenchConfig
-from sopkit.checks import default_of, help_of, plain_help_of
+from sopkit.checks import check_names, default_of, help_of, plain_help_of
 from sopkit.errors import UserError
 from sopkit.experiment.plan import ComparePlan, Execution
 from sopkit.training.config import TrainConfig
@@ -359,7 +359,8 @@ def bench(
         num_classes=num_classes,
         batch_size=batch_size,
         expansion=expansion,
-        strategies=_names(strategies or ""),
+        # Not given: every registered strategy. Given empty (--strategies=): a mistake.
+        strategies=check_names("--strategies", _names(strategies)) if strategies is not None else (),
         device=device,
         threads=threads,
         bf16=bf16,

@@ -129,6 +129,9 @@ def test_bench_accepts_an_image_shaped_input():
         (("--mk-sampler", "dice"), "Unknown --mk-sampler"),
         (("--mk-sampler", "triton"), "--mk-sampler triton"),
         (("--mk-backward", "forget"), "Unknown --mk-backward"),
+        (("--strategies=",), "--strategies is empty"),
+        (("--threads", "0"), "--threads must be a positive integer"),
+        (("--warmup", "-1"), "--warmup must be at least 0"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):

@@ -397,3 +397,14 @@ def test_a_schema_version_that_is_not_a_number_is_a_user_error(v1_dir: Path) -> 
     result = CliRunner().invoke(app, ["report", str(v1_dir)])
     assert result.exit_code == 2, result.output
     assert "its schema version 'two' is not a number" in result.output
+
+
+def test_a_row_with_corrupt_json_is_named_not_a_traceback(v1_dir: Path) -> None:
+    from sopkit.cli import app
+
+    with sqlite3.connect(v1_dir / DATABASE_NAME) as connection:
+        (key,) = connection.execute("SELECT key FROM trials LIMIT 1").fetchone()
+        connection.execute("UPDATE trials SET result = '{\"trunc' WHERE key = ?", (key,))
+    result = CliRunner().invoke(app, ["report", str(v1_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"the stored trial {key} is damaged" in result.output

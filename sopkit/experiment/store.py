@@ -241,12 +241,21 @@ class TrialStore:
             "SELECT key, status, spec, result, provenance, finished_at FROM trials "
             "ORDER BY finished_at"
         ).fetchall()
-        return [
-            TrialRecord.from_stored(
-                key, status, json.loads(spec), json.loads(result), json.loads(provenance), finished
-            )
-            for key, status, spec, result, provenance, finished in rows
-        ]
+        records = []
+        for key, status, spec, result, provenance, finished in rows:
+            try:
+                records.append(TrialRecord.from_stored(
+                    key, status, json.loads(spec), json.loads(result), json.loads(provenance),
+                    finished,
+                ))
+            except (TypeError, ValueError, KeyError, AttributeError) as error:
+                # A damaged row (hand-edited, truncated) is named, not a traceback; UserError is a
+                # ValueError, so a row's own message passes through with the key added.
+                raise UserError(
+                    f"{self.path}: the stored trial {key} is damaged ({error}). Delete that row "
+                    "(or the file) and run the comparison again to retrain it."
+                ) from None
+        return records
 
     def close(self) -> None:
         self._connection.close()
