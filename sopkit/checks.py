@@ -28,12 +28,13 @@ def _is_int(value: object) -> bool:
 def check_int(name: str, value: Any, *, minimum: int = 1, maximum: int = MAX_INT) -> int:
     """``value`` as an integer in ``[minimum, maximum]``; ``name`` is the flag the user typed."""
     if not _is_int(value) or not minimum <= value <= maximum:
-        limits = [] if maximum == MAX_INT and (not _is_int(value) or value <= maximum) else [
-            f"at most {maximum}"]
+        # The upper bound is worth naming when it is not the storage limit, or was crossed.
+        show_maximum = maximum != MAX_INT or (_is_int(value) and value > maximum)
         if minimum == 1:
-            bound = "a positive integer" + "".join(f" {limit}" for limit in limits)
+            bound = "a positive integer" + (f" at most {maximum}" if show_maximum else "")
         else:
-            bound = f"at least {minimum} (an integer{''.join(', ' + limit for limit in limits)})"
+            bound = f"at least {minimum} (an integer" + (
+                f", at most {maximum})" if show_maximum else ")")
         raise UserError(f"{name} must be {bound}, got {value!r}.")
     return int(value)
 

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import typer.main
+from torch import nn
 from typer.testing import CliRunner
 
 from sopkit.bench.config import BenchConfig
@@ -19,6 +20,7 @@ from sopkit.checks import DEFAULT_EXPANSION, check_expansion, check_float, check
 from sopkit.cli import app
 from sopkit.errors import UserError
 from sopkit.experiment.plan import ComparePlan, Execution, build_plan
+from sopkit.mk import expand, sample_dirichlet
 from sopkit.training.config import TrainConfig
 from sopkit.training.settings import StrategySettings
 
@@ -106,8 +108,8 @@ def test_compare_help_shows_the_defaults_from_the_dataclasses():
         lambda: StrategySettings(expansion=1),
         lambda: check_expansion(1),
         lambda: check_expansion(True),
-        lambda: __import__("sopkit").expand(__import__("torch").nn.Linear(2, 2), expansion=1),
-        lambda: __import__("sopkit").mk.sample_dirichlet(1, 4),
+        lambda: expand(nn.Linear(2, 2), expansion=1),
+        lambda: sample_dirichlet(1, 4),
     ],
 )
 def test_the_expansion_is_checked_by_one_rule_everywhere(build):
