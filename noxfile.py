@@ -25,6 +25,7 @@ def _sync(session: nox.Session) -> None:
         "uv",
         "sync",
         "--locked",
+        "--all-extras",
         f"--python={session.virtualenv.location}",
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
     )

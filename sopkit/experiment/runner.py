@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sopkit.checks import default_of
 from sopkit.experiment.plan import ComparePlan, Execution, Job, plan_record
 from sopkit.experiment.provenance import provenance
+from sopkit.experiment.outcome import OutcomeSink, TrialOutcome
 from sopkit.experiment.records import TrialSpec
 from sopkit.experiment.results import Group, aggregate
 from sopkit.experiment.store import DATABASE_NAME, TrialStore
@@ -82,22 +83,30 @@ class PlanRunner:
             build_model(model, input_shape=self.data.input_shape, num_classes=self.data.num_classes)
 
     def run_job(self, job: Job, progress: Progress | None = None) -> int:
-        """Train the job's unfinished trials and commit each as it finishes; returns how many ran."""
-        import torch
-
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        """Train the job's unfinished trials and commit each to this process's store as it
+        finishes; returns how many ran."""
         with TrialStore(self.database) as store:
             done = store.done_keys()
             todo = [spec for spec in job.specs if spec.key not in done]
             if todo:
-                self._train(job, todo, store, progress)
+                self.train(job, todo, lambda outcome: self.commit(outcome, store), progress)
         return len(todo)
 
-    def _train(
-        self, job: Job, todo: Sequence[TrialSpec], store: TrialStore, progress: Progress | None
+    def commit(self, outcome: TrialOutcome, store: TrialStore) -> None:
+        """Write one trial's outcome to ``store`` (and the files beside it). Only the process that
+        owns the output directory calls this: itself, a ``--jobs`` worker, or the Ray driver."""
+        if outcome.record is not None:
+            store.record(outcome.spec, outcome.record, self.provenance)
+
+    def train(
+        self,
+        job: Job,
+        todo: Sequence[TrialSpec],
+        sink: OutcomeSink,
+        progress: Progress | None = None,
     ) -> None:
-        """Train ``todo`` (trials of ``job``) in one session, committing each as it finishes."""
+        """Train ``todo`` (trials of ``job``) in one session, handing each outcome to ``sink`` as
+        soon as its trial ends."""
         import torch
 
         from sopkit.models import build_model
@@ -106,6 +115,8 @@ class PlanRunner:
         from sopkit.training.loop import TrainingSession
         from sopkit.training.settings import StrategySettings
 
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         plan, data = self.plan, self.data
 
         def build() -> torch.nn.Module:
@@ -125,7 +136,7 @@ class PlanRunner:
         for spec in todo:
             strategy = create_strategy(spec.strategy, settings)
             result = strategy.fit(session)
-            store.record(spec, result.to_record(), self.provenance)
+            sink(TrialOutcome(spec, record=result.to_record()))
 
 
 #: The runner of this worker process (``--jobs N``), made by the pool's initializer.
