@@ -29,6 +29,7 @@ _EXPORTS = {
     "TrainResult": "sopkit.training.types",
     "EpochRecord": "sopkit.training.types",
     "UserError": "sopkit.errors",
+    "load_trained": "sopkit.deploy.artifacts",
 }
 
 __all__ = [
@@ -44,9 +45,11 @@ __all__ = [
     "count_parameters",
     "expand",
     "fixed_mixing",
+    "load_trained",
 ]
 
 if TYPE_CHECKING:
+    from sopkit.deploy.artifacts import load_trained
     from sopkit.errors import UserError
     from sopkit.mk import collapse, count_parameters, expand, fixed_mixing
     from sopkit.training.config import TrainConfig

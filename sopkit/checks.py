@@ -19,6 +19,14 @@ from sopkit.errors import UserError
 DEFAULT_EXPANSION = 3
 #: Seeds, counts and sizes are stored in SQLite INTEGER columns and seed numpy and torch: 63 bits.
 MAX_INT = 2**63 - 1
+#: The most epochs one training takes: 3000 times the paper's longest schedule (330), and small
+#: enough that epochs x steps per epoch stays far inside the 64-bit step counters.
+MAX_EPOCHS = 1_000_000
+#: The largest expansion factor e: e copies of every weight (or e ensemble members) are held at
+#: once, so beyond this any model runs out of memory; the paper uses 3.
+MAX_EXPANSION = 1024
+#: The most worker processes or threads one flag asks for (--jobs, --threads, --data-workers).
+MAX_WORKERS = 1024
 
 
 def _is_int(value: object) -> bool:
@@ -67,7 +75,7 @@ def check_float(
 
 def check_expansion(value: Any, name: str = "--expansion") -> int:
     """The expansion factor e: copies per weight (majority kernels), members (ensemble)."""
-    return check_int(name, value, minimum=2)
+    return check_int(name, value, minimum=2, maximum=MAX_EXPANSION)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str], kind: str) -> str:

@@ -48,7 +48,12 @@ def reports_user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            error_console.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+            from rich.markup import escape
+
+            # A message's own brackets (pip install 'sopkit[ray]') are text, not markup.
+            error_console.print(
+                f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(USER_ERROR_EXIT) from None
 
     return wrapper  # type: ignore[return-value]
@@ -113,6 +118,9 @@ def compare(
     bf16: Annotated[
         bool, typer.Option(help=plain_help_of(TrainConfig, "bf16"))
     ] = default_of(TrainConfig, "bf16"),
+    compile_: Annotated[
+        bool, typer.Option("--compile", help=plain_help_of(TrainConfig, "compile"))
+    ] = default_of(TrainConfig, "compile"),
     data_dir: Annotated[
         str | None, typer.Option(help=plain_help_of(ComparePlan, "data_dir"))
     ] = None,
@@ -128,6 +136,14 @@ def compare(
         ),
     ] = None,
     preset: Annotated[str | None, typer.Option(help=plain_help_of(ComparePlan, "preset"))] = None,
+    no_code_models: Annotated[
+        bool,
+        typer.Option(
+            "--no-code-models",
+            help="Refuse package.module:factory models (they run that module's code), e.g. for a "
+            "preset from someone else; SOPKIT_NO_CODE_MODELS=1 does the same.",
+        ),
+    ] = False,
     jobs: Annotated[
         int, typer.Option(help=plain_help_of(Execution, "jobs"))
     ] = default_of(Execution, "jobs"),
@@ -137,6 +153,21 @@ def compare(
     data_workers: Annotated[
         int, typer.Option(help=plain_help_of(Execution, "data_workers"))
     ] = default_of(Execution, "data_workers"),
+    executor: Annotated[
+        str, typer.Option(help=plain_help_of(Execution, "executor"))
+    ] = default_of(Execution, "executor"),
+    ray_address: Annotated[
+        str | None, typer.Option(help=plain_help_of(Execution, "ray_address"))
+    ] = default_of(Execution, "ray_address"),
+    gpus_per_trial: Annotated[
+        float, typer.Option(help=plain_help_of(Execution, "gpus_per_trial"))
+    ] = default_of(Execution, "gpus_per_trial"),
+    checkpoint_every: Annotated[
+        str, typer.Option(help=plain_help_of(Execution, "checkpoint_every"), metavar="SECONDS")
+    ] = f"{default_of(Execution, 'checkpoint_every'):g}",
+    save_models: Annotated[
+        bool, typer.Option(help=plain_help_of(ComparePlan, "save_models"))
+    ] = default_of(ComparePlan, "save_models"),
     out: Annotated[
         str | None,
         typer.Option(
@@ -146,9 +177,15 @@ def compare(
     ] = None,
 ) -> None:
     """Train strategies side by side and report them honestly (resumes into an existing --out)."""
-    from sopkit.experiment.plan import build_plan, default_out_dir, plan_record
+    from sopkit.experiment.plan import (
+        build_plan,
+        default_out_dir,
+        parse_checkpoint_every,
+        plan_record,
+    )
     from sopkit.experiment.runner import run_plan
 
+    every = parse_checkpoint_every(checkpoint_every)
     plan = build_plan(
         preset=preset,
         dataset=dataset,
@@ -171,14 +208,33 @@ def compare(
         augment=augment,
         expansion=expansion,
         bf16=bf16,
+        compile_models=compile_,
         options=_parse_options(set_ or []),
         device=device,
         data_dir=data_dir,
         download=download,
+        save_models=save_models,
     )
+    from sopkit.models.checks import refuse_code_models
+
+    refuse_code_models(plan.models, refuse=no_code_models, preset=plan.preset)
     out_dir = Path(out) if out else default_out_dir(plan)
     # Stored with the plan: `sopkit report DIR` later shows the command that produced the trials.
     command = shlex.join(["sopkit", *sys.argv[1:]])
+    from sopkit.training.distributed import torchrun_ranks
+
+    ranks = torchrun_ranks()
+    if ranks is not None:  # torchrun --nproc-per-node N -m sopkit compare: one trial, N processes
+        from sopkit.experiment.ranks import compare_on_ranks
+
+        command = f"{ranks.launcher()} {command}"
+        record = plan_record(plan, command)
+        compare_on_ranks(
+            ranks, plan, out_dir, command, jobs=jobs, threads=threads, data_workers=data_workers,
+            executor=executor, show=lambda work: _run_with_progress(work, out_dir, record),
+            report=lambda: _report(out_dir, plan=record),
+        )
+        return
     record = plan_record(plan, command)
     _run_with_progress(
         lambda progress: run_plan(
@@ -189,6 +245,10 @@ def compare(
             threads=threads,
             command=command,
             data_workers=data_workers,
+            executor=executor,
+            ray_address=ray_address,
+            gpus_per_trial=gpus_per_trial,
+            checkpoint_every=every,
         ),
         out_dir,
         record,
@@ -198,32 +258,52 @@ def compare(
 
 def _run_with_progress(work: Callable[[Any], Any], out_dir: Path, plan: dict[str, Any]) -> None:
     """Run ``work(progress)`` with live progress; an interrupt keeps what finished and says where."""
+    from sopkit.interrupts import interrupt_once
     from sopkit.training.progress import RichProgress, progress_for
 
     progress = progress_for(console)
-    try:
-        if isinstance(progress, RichProgress):
-            with progress:
-                work(progress)
-        else:
-            work(progress)
-    except KeyboardInterrupt:
-        error_console.print(
-            f"Interrupted. Every finished trial is kept in {out_dir}; run the same command again "
-            f"to resume, or `sopkit report {out_dir}` for what finished."
-        )
+    with interrupt_once():  # `uv run` delivers one Ctrl-C twice: the second copy is ignored
         try:
-            _report(out_dir, plan=plan, complete=False)
-        finally:
+            if isinstance(progress, RichProgress):
+                with progress:
+                    work(progress)
+            else:
+                work(progress)
+        except KeyboardInterrupt:
+            error_console.print(
+                f"Interrupted. Every finished trial is kept in {out_dir}; run the same command "
+                f"again to resume, or `sopkit report {out_dir}` for what finished."
+            )
+            try:
+                _report(out_dir, plan=plan, complete=False)
+            except UserError as error:  # e.g. no trial had finished: nothing to report
+                error_console.print(f"No report: {error}", highlight=False)
             raise typer.Exit(INTERRUPTED_EXIT) from None
 
 
 def _report(
-    out_dir: Path, *, plan: dict[str, Any] | None = None, complete: bool | None = None
+    out_dir: Path,
+    *,
+    plan: dict[str, Any] | None = None,
+    complete: bool | None = None,
+    report_dir: Path | None = None,
 ) -> None:
+    """Write every report; a Ctrl-C while they are written leaves them all as they were (exit
+    130), never some new and some old."""
+    from sopkit.interrupts import interrupt_once
     from sopkit.report import regenerate
 
-    paths = regenerate(out_dir, console=console, plan=plan, complete=complete)
+    try:
+        with interrupt_once():
+            paths = regenerate(
+                out_dir, console=console, plan=plan, complete=complete, report_dir=report_dir
+            )
+    except KeyboardInterrupt:
+        error_console.print(
+            f"Interrupted while writing the reports: every report file in {report_dir or out_dir} "
+            f"was left as it was. `sopkit report {out_dir}` writes them."
+        )
+        raise typer.Exit(INTERRUPTED_EXIT) from None
     console.print("Reports: " + ", ".join(str(p) for p in paths), highlight=False)
 
 
@@ -231,15 +311,51 @@ def _report(
 @reports_user_errors
 def report(
     directory: Annotated[Path, typer.Argument(help="The --out directory of a comparison.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write the report files \\[default: DIRECTORY]. The database is only "
+            "read: a read-only DIRECTORY reports elsewhere."
+        ),
+    ] = None,
 ) -> None:
     """Regenerate every report of a comparison from its results database alone."""
-    _report(directory)
+    _report(directory, report_dir=out)
+
+
+@app.command("export")
+@reports_user_errors
+def export(
+    directory: Annotated[Path, typer.Argument(help="The --out directory of a comparison.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the files \\[default: DIRECTORY/export].")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="The strategy to ship \\[default: mk if run, else the first].")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="The seed to ship \\[default: the best on validation].")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="The model, if the comparison had several.")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="The optimizer, if the comparison had several.")
+    ] = None,
+) -> None:
+    """Write the model to ship from a comparison (its chosen learning rate) as safetensors, ONNX
+    and a torch.export program."""
+    from sopkit.deploy.export import export_trained
+
+    done = export_trained(
+        directory, out=out, strategy=strategy, seed=seed, model=model, optimizer=optimizer
+    )
+    console.print(done.summary(), highlight=False, soft_wrap=True)
 
 
 @app.command("strategies")
 @reports_user_errors
 def list_strategies() -> None:
     """List every registered strategy, where it comes from, and whether it loads."""
+    from rich.markup import escape
     from rich.table import Table
 
     from sopkit.registry import discover
@@ -249,10 +365,12 @@ def list_strategies() -> None:
         table.add_column(column, overflow="fold")  # a load error is read in full, not cut at "…"
     for entry in discover().values():
         error = entry.load_error()
-        description = "" if error else entry.load().description
-        status = "[green]yes[/]" if error is None else f"[red]no[/]: {error}"
+        description = "" if error else entry.describe()  # a broken one is shown, not raised
+        # A plugin's text is shown as it is: "[/x]" in it is not rich markup (nor an error).
+        status = "[green]yes[/]" if error is None else f"[red]no[/]: {escape(error)}"
         table.add_row(
-            entry.name, f"{entry.distribution} {entry.version}", entry.target, status, description
+            escape(entry.name), escape(f"{entry.distribution} {entry.version}"),
+            escape(entry.target), status, escape(description),
         )
     console.print(table)
 
@@ -281,7 +399,7 @@ def list_models() -> None:
 
     from sopkit.models import MODELS
 
-    table = Table(title="Models (or package.module:factory)")
+    table = Table(title="Models (or hf:NAME_OR_PATH, a pretrained Hugging Face model, or package.module:factory)")
     table.add_column("name")
     table.add_column("description")
     for spec in MODELS.values():
@@ -317,6 +435,9 @@ def bench(
     bf16: Annotated[
         bool, typer.Option(help=plain_help_of(TrainConfig, "bf16"))
     ] = default_of(BenchConfig, "bf16"),
+    compile_: Annotated[
+        bool, typer.Option("--compile", help=plain_help_of(BenchConfig, "compile"))
+    ] = default_of(BenchConfig, "compile"),
     repeats: Annotated[
         int, typer.Option(help=plain_help_of(BenchConfig, "repeats"))
     ] = default_of(BenchConfig, "repeats"),
@@ -352,6 +473,10 @@ def bench(
         run_bench,
         write_report,
     )
+    from sopkit.training.distributed import torchrun_ranks
+
+    if torchrun_ranks() is not None:  # N copies would time each other and write one --out
+        raise UserError("sopkit bench measures one process; run it without torchrun.")
 
     config = BenchConfig(
         model=model,
@@ -364,6 +489,7 @@ def bench(
         device=device,
         threads=threads,
         bf16=bf16,
+        compile=compile_,
         repeats=repeats,
         steps=steps,
         warmup=warmup,
@@ -372,6 +498,11 @@ def bench(
         mk_sampler=mk_sampler,
         mk_backward=mk_backward,
     )
+    if out is not None:  # before measuring: a bad --out must not cost the measurement
+        from sopkit.bench.config import check_out_dir
+        from sopkit.bench.report import BENCH_JSON, BENCH_MD, BENCH_PNG
+
+        check_out_dir(out, (BENCH_JSON, BENCH_MD, BENCH_PNG))
     try:
         report = _bench_with_progress(config, run_bench)
     except KeyboardInterrupt:

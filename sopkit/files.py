@@ -3,6 +3,11 @@
 Every report, summary, figure, ``trials.jsonl`` and bench output goes through :func:`write_atomic`.
 A reader (or a second process writing the same file) sees the old content or the new, never half a
 file; a failure part-way leaves the old file as it was and no temporary file behind.
+
+Several files that belong together (a comparison's reports) are written inside
+:func:`staged_writes`: every one goes to its temporary first, and only when all are written are they
+renamed into place, with Ctrl-C held back until the last one is: an interrupt leaves them all old or
+all new, never some of each.
 """
 
 from __future__ import annotations
@@ -10,9 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
+from sopkit.interrupts import deferred_sigint
+
 _ATTEMPTS = 100  # unique names collide only by chance: a few tries are plenty
+# The (temporary, destination) pairs of the innermost staged_writes block; None outside one.
+_STAGED: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("sopkit_staged", default=None)
 
 
 def _create_temporary(path: Path) -> tuple[int, Path]:
@@ -62,6 +73,10 @@ def write_atomic(path: Path | str, data: bytes | str) -> Path:
             stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
+        staged = _STAGED.get()
+        if staged is not None:  # renamed when the staged_writes block ends
+            staged.append((temporary, path))
+            return path
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -69,3 +84,34 @@ def write_atomic(path: Path | str, data: bytes | str) -> Path:
         raise
     _sync_directory(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def staged_writes() -> Iterator[None]:
+    """Within the block, :func:`write_atomic` writes temporaries only; when the block ends without
+    an error they are all renamed into place at once, Ctrl-C held back until the last rename. On
+    an error (Ctrl-C included) no file changes and the temporaries are removed."""
+    staged: list[tuple[Path, Path]] = []
+    token = _STAGED.set(staged)
+    try:
+        yield
+    except BaseException:
+        _remove(temporary for temporary, _ in staged)
+        raise
+    finally:
+        _STAGED.reset(token)
+    with deferred_sigint():
+        for index, (temporary, path) in enumerate(staged):
+            try:
+                os.replace(temporary, path)
+            except BaseException:
+                _remove(temporary for temporary, _ in staged[index:])
+                raise
+    for directory in dict.fromkeys(path.parent for _, path in staged):
+        _sync_directory(directory)
+
+
+def _remove(paths: Iterator[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -16,6 +16,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from sopkit.errors import UserError, unknown_name
+from sopkit.training.hooks_guard import PluginError
 
 if TYPE_CHECKING:
     from sopkit.training.settings import StrategySettings
@@ -42,17 +43,36 @@ class StrategyEntry:
 
         try:
             loaded = self.entry_point.load()
-        except Exception as error:  # a plugin may fail in any way while importing
-            raise UserError(
+        except (Exception, SystemExit) as error:  # a plugin may fail in any way while importing
+            raise PluginError(
                 f"Strategy {self.name!r} from plugin {self.distribution} {self.version} "
-                f"({self.target}) failed to load: {type(error).__name__}: {error}"
+                f"({self.target}) failed to load: {type(error).__name__}: {error}",
+                strategy=self.name,
+                distribution=self.distribution,
+                hook="import",
             ) from error
         if not (isinstance(loaded, type) and issubclass(loaded, Strategy)):
-            raise UserError(
-                f"Strategy {self.name!r} from plugin {self.distribution} ({self.target}) is not a "
-                "subclass of sopkit.Strategy."
+            raise PluginError(
+                f"Strategy {self.name!r} from plugin {self.distribution} {self.version} "
+                f"({self.target}) is not a subclass of sopkit.Strategy.",
+                strategy=self.name,
+                distribution=self.distribution,
+                hook="import",
             )
         return loaded
+
+    def describe(self) -> str:
+        """The strategy's one-line ``description``, or why there is none: a plugin's broken
+        description (one that raises, or is not a string) must not break ``sopkit strategies``."""
+        try:
+            description = self.load().description
+        except UserError as error:
+            return str(error)
+        except Exception as error:  # a property on the class's metaclass may raise anything
+            return f"(its description raised {type(error).__name__}: {error})"
+        if not isinstance(description, str):
+            return f"(its description is a {type(description).__name__}, not a string)"
+        return description
 
     def load_error(self) -> str | None:
         """None when the strategy loads, else why not (for ``sopkit strategies``)."""
@@ -60,7 +80,7 @@ class StrategyEntry:
             self.load()
         except UserError as error:
             return str(error)
-        return None
+        return None  # (``describe`` reports a broken description)
 
 
 def discover() -> dict[str, StrategyEntry]:
@@ -72,15 +92,14 @@ def discover() -> dict[str, StrategyEntry]:
     autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
     entries: dict[str, StrategyEntry] = {}
     for entry_point in metadata.entry_points(group=GROUP):
-        dist = entry_point.dist
-        dist_name = dist.metadata["Name"] if dist is not None else "unknown"
+        dist_name, version = _distribution(entry_point)
         if not autoload and dist_name != OWN_DISTRIBUTION:
             continue
         entry = StrategyEntry(
             name=entry_point.name,
             target=entry_point.value,
             distribution=dist_name,
-            version=dist.version if dist is not None else "",
+            version=version,
             entry_point=entry_point,
         )
         existing = entries.get(entry.name)
@@ -91,6 +110,18 @@ def discover() -> dict[str, StrategyEntry]:
     own = sorted(n for n, e in entries.items() if e.distribution == OWN_DISTRIBUTION)
     others = sorted(n for n in entries if n not in own)
     return {name: entries[name] for name in _builtin_order(own) + others}
+
+
+def _distribution(entry_point: metadata.EntryPoint) -> tuple[str, str]:
+    """(name, version) of the distribution registering ``entry_point``; ("unknown", "") when its
+    metadata is missing or damaged (a broken install must not break discovery)."""
+    try:
+        dist = entry_point.dist
+        if dist is None:
+            return "unknown", ""
+        return str(dist.metadata["Name"] or "unknown"), str(dist.version or "")
+    except Exception:  # damaged METADATA: the entry point is still listed, and named
+        return "unknown", ""
 
 
 def _builtin_order(names: list[str]) -> list[str]:
@@ -162,5 +193,17 @@ def create_strategy(name: str, settings: StrategySettings) -> Strategy:
     entries = discover()
     if name not in entries:
         raise unknown_name("strategy", name, entries)
-    cls = entries[name].load()
-    return cls(settings.for_strategy(name))
+    entry = entries[name]
+    cls = entry.load()
+    try:
+        return cls(settings.for_strategy(name))
+    except UserError:
+        raise  # an option out of range: already the user's message
+    except (Exception, SystemExit) as error:  # a plugin's __init__ may fail in any way
+        raise PluginError(
+            f"Strategy {name!r} from plugin {entry.distribution} {entry.version} ({entry.target}) "
+            f"failed in __init__: {type(error).__name__}: {error}",
+            strategy=name,
+            distribution=entry.distribution,
+            hook="__init__",
+        ) from error

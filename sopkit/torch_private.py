@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -30,6 +31,8 @@ __all__ = [
     "ENV_OFF",
     "PRIVATE_USES",
     "PrivateUse",
+    "compiled_module_inner",
+    "dynamo_graph_break",
     "enabled",
     "mkldnn_linear",
     "tensor_version",
@@ -73,6 +76,19 @@ PRIVATE_USES: tuple[PrivateUse, ...] = (
         "path: the same Dirichlet(1..1) distribution from other random bits, so a seed gives "
         "other draws; a result records the sampler it used (extra['mk_sampler'])",
         tested_by="tests/test_torch_private.py::test_without_inductor_auto_takes_sfc64_*",
+    ),
+    PrivateUse(
+        name="dynamo",
+        api="torch._dynamo.graph_break (a graph break with a message) and "
+        "torch._dynamo.eval_frame.OptimizedModule._orig_mod (what torch.compile(module) wraps); "
+        "only looked up once torch.compile has imported torch._dynamo",
+        used_by="sopkit.mk.graph (an expanded model under torch.compile)",
+        status="probed",
+        fallback="no graph break of sopkit's own before the eager mixing: dynamo breaks the graph "
+        "at torch.compiler.disable instead, so training is the same and only fullgraph=True's "
+        "error lacks sopkit's message; and find_majority / collapse do not see through what "
+        "torch.compile returned (collapse the module that was compiled, or compile in place)",
+        tested_by="tests/test_compile.py::test_without_dynamo_internals_*",
     ),
     PrivateUse(
         name="tensor_version",
@@ -156,10 +172,27 @@ def _inductor_works() -> bool:
     return compiled.available(3)
 
 
+@functools.cache
+def _dynamo_works() -> bool:
+    """``graph_break`` and ``OptimizedModule`` with ``_orig_mod`` exist (imports torch._dynamo:
+    callers ask only once torch.compile has imported it)."""
+    try:
+        import torch._dynamo
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:
+        return False
+    if not callable(getattr(torch._dynamo, "graph_break", None)):
+        return False
+    inner = torch.nn.Identity()
+    wrapped = torch.compile(inner)  # lazy: compiles nothing until called
+    return isinstance(wrapped, OptimizedModule) and getattr(wrapped, "_orig_mod", None) is inner
+
+
 _PROBES: dict[str, Callable[[], bool]] = {
     "mkldnn_linear": _mkldnn_linear_works,
     "tensor_version": _tensor_version_works,
     "inductor": _inductor_works,
+    "dynamo": _dynamo_works,
 }
 
 
@@ -168,6 +201,29 @@ def usable(name: str) -> bool:
     if name not in _PROBES:
         raise KeyError(f"no probe named {name!r}; probes: {', '.join(sorted(_PROBES))}")
     return enabled(name) and _PROBES[name]()
+
+
+def dynamo_graph_break(message: str) -> None:
+    """``torch._dynamo.graph_break(msg=message)`` where it exists, else nothing. Called only while
+    dynamo traces (so torch._dynamo is imported), and traced itself: no probe call in it."""
+    from torch import _dynamo
+
+    graph_break = getattr(_dynamo, "graph_break", None)
+    if graph_break is not None:
+        graph_break(msg=message)
+
+
+def compiled_module_inner(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module ``torch.compile(module)`` wrapped, when ``model`` is what it returned (an
+    ``OptimizedModule``); None otherwise, and where the ``"dynamo"`` probe is off."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None or not usable("dynamo"):  # not imported: nothing was compiled
+        return None
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    if wrapper is None or not isinstance(model, wrapper):
+        return None
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else None
 
 
 def mkldnn_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blobs import make_blobs
 
 from sopkit.data import DataSplits, TensorSplit
 
@@ -11,15 +12,6 @@ from sopkit.data import DataSplits, TensorSplit
 # 2-core machine spin-wait each other into 100x slowdowns. Worker processes of `--jobs` get one
 # thread each too, so results in and out of workers are computed the same way.
 torch.set_num_threads(1)
-
-
-def make_blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian blobs around fixed class centres: learnable in a few epochs, no files needed."""
-    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1234)) * 2
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=generator)
-    x = centres[y] + torch.randn(n, dim, generator=generator)
-    return x, y
 
 
 @pytest.fixture

@@ -20,7 +20,10 @@ from sopkit.data import DATASETS, TensorSplit, dataset_spec, load_dataset
 from sopkit.data.cache import ArrayCache
 from sopkit.errors import UserError
 
-ALL_NAMES = ["mnist1d", "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet"]
+GLUE = [f"glue:{task}" for task in ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")]
+ALL_NAMES = [
+    "mnist1d", "digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet", *GLUE
+]
 FILE_BACKED = ["mnist", "fashion-mnist", "cifar10", "imagefolder", "imagenet"]
 
 
@@ -49,10 +52,12 @@ def test_registry_names_order_flags_and_default_epochs() -> None:
     epochs = {name: spec.default_epochs for name, spec in DATASETS.items()}
     assert epochs == {"mnist1d": 200, "digits": 100, "imagenet": 90} | {
         name: 30 for name in FILE_BACKED if name != "imagenet"
-    }
+    } | dict.fromkeys(GLUE, 3)  # fine-tuning a pretrained model (tests/test_glue.py)
     # ... and with the standard augmentation of every image set, none for the vector sets.
     augment = {name: spec.default_augment for name, spec in DATASETS.items()}
-    assert augment == {"mnist1d": "none", "digits": "none"} | {n: "standard" for n in FILE_BACKED}
+    assert augment == {"mnist1d": "none", "digits": "none"} | {
+        n: "standard" for n in FILE_BACKED
+    } | dict.fromkeys(GLUE, "none")
 
 
 @pytest.mark.parametrize(

@@ -278,7 +278,7 @@ def _version(database: Path) -> str:
 
 def test_a_new_database_is_written_at_the_current_schema(tmp_path: Path) -> None:
     TrialStore(tmp_path / DATABASE_NAME).close()
-    assert _version(tmp_path / DATABASE_NAME) == str(SCHEMA_VERSION) == "1"
+    assert _version(tmp_path / DATABASE_NAME) == str(SCHEMA_VERSION) == "2"
 
 
 def test_a_newer_schema_is_refused_naming_both_versions(v1_dir: Path) -> None:
@@ -311,7 +311,7 @@ def test_a_file_that_is_not_a_results_database_is_a_user_error(tmp_path: Path) -
 def test_concurrent_openers_migrate_an_older_schema_once(
     v1_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A simulated schema 2 (a new column): four stores opening the v1 copy at once."""
+    """A simulated next schema (a new column): four stores opening the v1 copy at once."""
     calls: list[int] = []
     started = threading.Event()
 
@@ -321,8 +321,10 @@ def test_concurrent_openers_migrate_an_older_schema_once(
         threading.Event().wait(0.3)  # the others are now queued on the write lock
         connection.execute("ALTER TABLE trials ADD COLUMN note TEXT")  # fails if run twice
 
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(store_module, "MIGRATIONS", {1: add_note_column})
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(
+        store_module, "MIGRATIONS", {**store_module.MIGRATIONS, SCHEMA_VERSION: add_note_column}
+    )
     barrier = threading.Barrier(4)
     errors: list[BaseException] = []
     counts: list[int] = []
@@ -343,10 +345,10 @@ def test_concurrent_openers_migrate_an_older_schema_once(
     assert errors == [] and started.is_set()
     assert calls == [1]
     assert counts == [24] * 4
-    assert _version(v1_dir / DATABASE_NAME) == "2"
+    assert _version(v1_dir / DATABASE_NAME) == str(SCHEMA_VERSION + 1)
     with sqlite3.connect(v1_dir / DATABASE_NAME) as connection:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(trials)")]
-    assert columns[-1] == "note"
+    assert columns[-2:] == ["failure", "note"]
     # ... and the migrated database takes new trials (the insert names its columns).
     with TrialStore(v1_dir / DATABASE_NAME) as store:
         old = store.trials()[0]
@@ -362,14 +364,16 @@ def test_a_failed_migration_leaves_the_database_as_it_was(
         connection.execute("ALTER TABLE trials ADD COLUMN note TEXT")
         raise RuntimeError("the migration broke half-way")
 
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(store_module, "MIGRATIONS", {1: half_a_migration})
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(
+        store_module, "MIGRATIONS", {**store_module.MIGRATIONS, SCHEMA_VERSION: half_a_migration}
+    )
     with pytest.raises(RuntimeError, match="half-way"):
         TrialStore(v1_dir / DATABASE_NAME)
-    assert _version(v1_dir / DATABASE_NAME) == "1"
+    assert _version(v1_dir / DATABASE_NAME) == "1"  # schema 1 -> 2 rolled back with the rest
     with sqlite3.connect(v1_dir / DATABASE_NAME) as connection:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(trials)")]
-    assert "note" not in columns
+    assert "note" not in columns and "failure" not in columns
     assert len(raw_rows(v1_dir / DATABASE_NAME)) == 24
 
 

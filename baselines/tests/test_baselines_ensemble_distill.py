@@ -80,6 +80,14 @@ def test_the_ensemble_averages_probabilities_not_logits() -> None:
     assert count_parameters(EnsembleModel(members)) == 6
 
 
+def test_an_ensemble_of_one_output_regressors_averages_their_predictions() -> None:
+    # STS-B's models have one output: its softmax is 1 whatever the input, so an ensemble of them
+    # averages predictions instead (2.5 and -0.5 -> 1.0; a softmax path would give 0.0 for all).
+    members = [_Constant([2.5]), _Constant([-0.5])]
+    output = EnsembleModel(members)(torch.zeros(3, 1))
+    torch.testing.assert_close(output, torch.full((3, 1), 1.0))
+
+
 def test_member_seeds_are_distinct_and_do_not_collide_with_other_comparison_seeds() -> None:
     seeds = {(s, i): member_seed(s, i) for s in range(20) for i in range(5)}
     assert all(member_seed(s, 0) == s for s in range(20))

@@ -3,13 +3,31 @@ that asks for a configuration again. Imports no torch."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import shlex
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from sopkit.checks import DEFAULT_EXPANSION, check_choice, check_expansion, check_int, default_of
+from sopkit.checks import (
+    DEFAULT_EXPANSION,
+    MAX_WORKERS,
+    check_choice,
+    check_expansion,
+    check_int,
+    default_of,
+)
 from sopkit.errors import UserError
 from sopkit.training.config import DEFAULT_DEVICE, OPTIMIZERS, TrainConfig
+
+#: Caps on what one bench asks for, so a size that passes its check can be allocated and timed:
+#: the synthetic data (4 batches of inputs, float32), the classes of the output layer, and the
+#: counts of steps. Beyond them torch fails deep inside (or the run never ends).
+MAX_DATA_VALUES = 2**32
+MAX_CLASSES = 2**24
+MAX_STEPS = 1_000_000
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -68,23 +86,42 @@ class BenchConfig:
         "How majority kernels draw p: auto, compiled, sfc64, torch, triton."))
     mk_backward: str = field(default="auto", metadata=_help(
         "What MK's backward keeps: auto, save (p), regenerate (a seed)."))
+    compile: bool = field(default=default_of(TrainConfig, "compile"), metadata=_help(
+        "Also time every strategy compiled by the loop (torch.compile), as 'NAME (compiled)' "
+        "rows with ratios against the eager baseline; compiling happens in the warm-up."))
 
     def __post_init__(self) -> None:
         # Imported here: the configuration (and the CLI reading it) must not import torch.
         from sopkit.mk import BACKWARD_MODES, SAMPLERS
 
-        for name in ("batch_size", "repeats", "steps", "num_classes"):
-            check_int("--" + name.replace("_", "-"), getattr(self, name))
-        check_int("--warmup", self.warmup, minimum=0)
+        check_int("--batch-size", self.batch_size)
+        check_int("--num-classes", self.num_classes, maximum=MAX_CLASSES)
+        for name in ("repeats", "steps"):
+            check_int("--" + name, getattr(self, name), maximum=MAX_STEPS)
+        check_int("--warmup", self.warmup, minimum=0, maximum=MAX_STEPS)
         check_expansion(self.expansion)
         if self.threads is not None:
-            check_int("--threads", self.threads)
+            check_int("--threads", self.threads, maximum=MAX_WORKERS)
         check_int("--seed", self.seed, minimum=0)
         if not self.input_shape or any(d < 1 for d in self.input_shape):
             raise UserError(f"--input-shape must be positive, got {self.input_shape}.")
+        values = 4 * self.batch_size * math.prod(self.input_shape)  # synthetic_data's inputs
+        if values > MAX_DATA_VALUES:
+            raise UserError(
+                f"--batch-size {self.batch_size} with --input-shape "
+                f"{','.join(map(str, self.input_shape))} makes synthetic data of "
+                f"{_approximately(values)} values (4 batches); at most {MAX_DATA_VALUES:.3g} "
+                f"({MAX_DATA_VALUES * 4 / 2**30:g} GiB of float32) are allocated."
+            )
         check_choice("optimizer", self.optimizer, OPTIMIZERS, "optimizers")
         check_choice("--mk-sampler", self.mk_sampler, SAMPLERS, "samplers")
         check_choice("--mk-backward", self.mk_backward, BACKWARD_MODES, "modes")
+
+
+def _approximately(count: int) -> str:
+    """``count`` in three digits (``4.29e+09``), also beyond what a float holds (``10^400``)."""
+    digits = len(str(count))
+    return f"{count:.3g}" if digits < 300 else f"about 10^{digits - 1}"
 
 
 def _flag_values(config: BenchConfig) -> list[tuple[str, str | None]]:
@@ -117,6 +154,46 @@ def command_line(config: BenchConfig) -> str:
             words += [flag, shlex.quote(value)]
     if config.bf16:
         words.append("--bf16")
+    if config.compile:
+        words.append("--compile")
     for key, value in config.options.items():
         words += ["--set", shlex.quote(f"{key}={value}")]
     return " ".join(words)
+
+
+@contextlib.contextmanager
+def out_of_memory_is_user_error(what: str) -> Iterator[None]:
+    """Allocating ``what`` (the model, the synthetic data) without enough memory is the user's to
+    fix (a smaller size), so it is a UserError saying which, not a traceback from torch's
+    allocator. Other errors pass through."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        text = str(error).lower()
+        if type(error).__name__ != "OutOfMemoryError" and not (
+            isinstance(error, MemoryError) or "alloc" in text or "memory" in text
+        ):
+            raise
+        raise UserError(
+            f"Not enough memory for {what}: {type(error).__name__}: {str(error)[:300]}"
+        ) from None
+
+
+def check_out_dir(out: str | Path, files: Iterable[str]) -> Path:
+    """``out`` as a directory that ``files`` can be written into, made if missing, checked before
+    anything is measured (so no measurement is lost at the end): not an existing file, not under
+    a file, writable, and none of ``files`` in it a directory."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is an existing file, not a directory: bench writes "
+                        f"{', '.join(files)} into a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # the only sure test of writing there
+            pass
+    except OSError as error:
+        raise UserError(f"--out {out} cannot be written: {error.strerror or error}.") from None
+    for name in files:
+        if (path / name).exists() and not (path / name).is_file():
+            raise UserError(f"--out {out}: {path / name} exists and is not a file; move it away.")
+    return path

@@ -41,7 +41,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sopkit.bench.config import BenchConfig
+from sopkit.bench.compiled import (
+    compiled_entry,
+    compiled_name,
+    describe_compiled,
+    with_compiled,
+)
+from sopkit.bench.config import BenchConfig, out_of_memory_is_user_error
 from sopkit.bench.entries import (
     Batch,
     Entry,
@@ -57,6 +63,7 @@ from sopkit.bench.results import BASELINE, PLAIN, PLAIN_DEFAULTS, BenchReport, E
 from sopkit.errors import UserError
 from sopkit.training.config import TrainConfig
 from sopkit.training.device import select_device
+from sopkit.training.hooks_guard import PluginError, plugin_failure
 from sopkit.training.strategy import Strategy
 
 
@@ -91,10 +98,14 @@ def time_rounds(
                 times: list[float] = []
                 synchronize(device)
                 round_start, cpu_start = time.perf_counter(), time.process_time()
-                for i in range(steps):
-                    started = time.perf_counter()
-                    entry.step(*batches[i % len(batches)])
-                    times.append(time.perf_counter() - started)
+                try:
+                    for i in range(steps):
+                        started = time.perf_counter()
+                        entry.step(*batches[i % len(batches)])
+                        times.append(time.perf_counter() - started)
+                except PluginError as error:  # a plugin failing after its warm-up: a row, and
+                    _drop(entry, entries, error)  # the other entries are timed on
+                    continue
                 if cuda:
                     synchronize(device)
                     value = (time.perf_counter() - round_start) / steps
@@ -112,6 +123,16 @@ def time_rounds(
             del entry.result.step_ms[done:]
             del entry.result.cpu_ms[done:]
     return done
+
+
+def _drop(entry: Entry, entries: list[Entry], error: PluginError) -> None:
+    """Stop timing ``entry`` (its plugin failed during the rounds): it leaves ``entries`` (the
+    list being timed) and becomes an untimed row saying why."""
+    entries.remove(entry)
+    entry.result.measured = False
+    entry.result.step_ms.clear()
+    entry.result.cpu_ms.clear()
+    entry.result.note = f"not timed: {error}"
 
 
 def _describe(device: torch.device) -> str:
@@ -141,6 +162,7 @@ def run_bench(
     rounds that finished (and says so); before the first round finishes, it propagates.
     """
     from sopkit.experiment.provenance import provenance
+    from sopkit.models.checks import check_model_fits
     from sopkit.models.registry import build_model
     from sopkit.registry import check_options, create_strategy, discover
     from sopkit.training.settings import StrategySettings
@@ -164,7 +186,10 @@ def run_bench(
             config.model, input_shape=config.input_shape, num_classes=config.num_classes
         )
 
-    build()  # an unknown model, or an input shape it cannot take, fails here before anything runs
+    # An unknown model, an input shape it cannot take, layers that do not fit the data or a model
+    # too big for the memory fail here, before anything runs.
+    with out_of_memory_is_user_error(f"model {config.model} ({config.num_classes} classes)"):
+        check_model_fits(config.model, build(), config.input_shape, config.num_classes, device)
 
     # The requested strategies (an unknown name is the user's mistake), else every registered one
     # that loads (a broken plugin becomes a row with its error). The baseline is always measured.
@@ -182,19 +207,34 @@ def run_bench(
             results[name] = EntryResult(name, measured=False, note=f"not timed: {error}")
     check_options(settings, [name for name in requested if name in strategies])
 
-    data, batches = synthetic_data(config, device)
+    with out_of_memory_is_user_error(f"the synthetic data (4 batches of {config.batch_size})"):
+        data, batches = synthetic_data(config, device)
     probe = ProbeSession(data, build, train_config, device=device, seed=config.seed)
     entries: list[Entry] = []
     for name, strategy in strategies.items():
-        note = single_step_note(strategy, probe)
+        try:
+            note = single_step_note(strategy, probe)
+            if note is None:
+                say(f"setting up and warming up {name}")
+                entry = strategy_entry(name, strategy, config, train_config, device, data, build)
+                warm_up_and_measure_memory(entry, device, batches, config.warmup)
+        except Exception as error:  # a plugin that fails is a row, unless it was asked for
+            failure = plugin_failure(strategy, error, "set-up")
+            if failure is None or name in requested:
+                raise
+            results[name] = EntryResult(name, measured=False, note=f"not timed: {failure}")
+            continue
         if note is not None:
             results[name] = EntryResult(name, measured=False, note=note)
             continue
-        say(f"setting up and warming up {name}")
-        entry = strategy_entry(name, strategy, config, train_config, device, data, build)
-        warm_up_and_measure_memory(entry, device, batches, config.warmup)
         entries.append(entry)
         results[name] = entry.result
+        if config.compile:  # --compile: the same strategy compiled by the loop, a row of its own
+            say(f"setting up, compiling and warming up {compiled_name(name)}")
+            entries.append(
+                compiled_entry(name, strategy, config, train_config, device, data, build, batches)
+            )
+            results[compiled_name(name)] = entries[-1].result
     plain = [
         plain_entry(PLAIN, config, train_config, device, build, same_optimizer=True),
         plain_entry(PLAIN_DEFAULTS, config, train_config, device, build, same_optimizer=False),
@@ -211,6 +251,7 @@ def run_bench(
     for entry in timed:
         result = entry.result
         result.ratios = [a / b for a, b in zip(result.step_ms, baseline.step_ms, strict=True)]
+    describe_compiled(results)
     if "baseline-long" in results and results["baseline-long"].measured:
         results["baseline-long"].note = "the baseline's step (it trains longer): a noise check"
 
@@ -228,7 +269,7 @@ def run_bench(
         config=config,
         device=_describe(device),
         threads=torch.get_num_threads(),
-        strategies=[results[name] for name in names],
+        strategies=[results[name] for name in with_compiled(names, results)],
         loop=[loop_baseline] + [e.result for e in plain],
         provenance=provenance(),
         rounds=rounds,

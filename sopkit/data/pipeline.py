@@ -66,29 +66,46 @@ class SeededOrder(Sampler[Key]):
 
     The permutation is drawn exactly as ``torch.utils.data.RandomSampler`` draws it from a
     generator, so a split without random transforms keeps the order it always had.
+
+    ``rank`` of ``world`` (data-parallel processes) yields the keys at positions ``rank``,
+    ``rank + world``, ... of the whole epoch's keys, drawn in full on every rank from the same
+    generator: the ranks' shares of one process's epoch (like ``DistributedSampler``, but the
+    strided share of each batch rather than a contiguous block).
     """
 
     def __init__(
-        self, n: int, *, shuffle: bool, generator: torch.Generator | None, seeded: bool
+        self,
+        n: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None,
+        seeded: bool,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world), got rank {rank} of {world}")
         self.n = n
         self.shuffle = shuffle
         self.generator = generator
         self.seeded = seeded
+        self.rank = rank
+        self.world = world
 
     def __len__(self) -> int:
-        return self.n
+        return len(range(self.rank, self.n, self.world))
 
     def __iter__(self) -> Iterator[Key]:
         if self.shuffle:
             order = torch.randperm(self.n, generator=self.generator).tolist()
         else:
             order = list(range(self.n))
+        share = slice(self.rank, None, self.world)
         if not self.seeded:
-            yield from order
+            yield from order[share]
             return
         seeds = torch.randint(0, _SEED_BOUND, (self.n,), generator=self.generator).tolist()
-        yield from zip(order, seeds, strict=True)
+        yield from list(zip(order, seeds, strict=True))[share]
 
 
 def cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:

@@ -34,6 +34,8 @@ class LoadOptions:
     image_size: int
     crop_size: int = 224  # imagenet: the side of the training crop and of the evaluation centre crop
     resize_size: int = 256  # imagenet: the shorter side evaluation images are resized to first
+    # The models the data is for: text sets (glue:TASK) tokenise with their hf: model's tokenizer.
+    models: tuple[str, ...] = ()
 
 
 def carve_val(n: int, name: str, opts: LoadOptions) -> tuple[torch.Tensor, torch.Tensor]:

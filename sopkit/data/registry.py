@@ -8,8 +8,9 @@ model selection. Every user mistake raises :class:`~sopkit.errors.UserError`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sopkit.data.cache import default_cache_dir
@@ -20,6 +21,7 @@ from sopkit.data.prepare import LoadOptions
 from sopkit.data.splits import DataSplits
 from sopkit.data.vision import load_cifar10, load_fashion_mnist, load_mnist
 from sopkit.errors import UserError, unknown_name
+from sopkit.task_metrics import GLUE_TASK_METRICS, METRIC_LABELS
 
 __all__ = ["DATASETS", "DatasetSpec", "dataset_spec", "load_dataset"]
 
@@ -43,6 +45,26 @@ class DatasetSpec:
 def _registry(*specs: DatasetSpec) -> dict[str, DatasetSpec]:
     return {spec.name: spec for spec in specs}
 
+
+def _load_glue(task: str, opts: LoadOptions) -> DataSplits:
+    from sopkit.data.glue import load_glue  # imports transformers' tokenizers lazily
+
+    return load_glue(task, opts)
+
+
+# The GLUE tasks (sopkit.data.glue): names and metrics live in sopkit.task_metrics, torch-free.
+_GLUE_SPECS = tuple(
+    DatasetSpec(
+        f"glue:{task}",
+        f"GLUE {task} ({METRIC_LABELS[metric]}), tokenised for the hf: model; from the Hugging "
+        f"Face cache or <data-dir>/{task}/ (extra 'hf').",
+        needs_data_dir=False,
+        loader=partial(_load_glue, task),
+        default_epochs=3,  # fine-tuning a pretrained model
+        default_augment="none",
+    )
+    for task, metric in GLUE_TASK_METRICS.items()
+)
 
 DATASETS: dict[str, DatasetSpec] = _registry(
     DatasetSpec(
@@ -96,6 +118,7 @@ DATASETS: dict[str, DatasetSpec] = _registry(
         loader=load_imagenet,
         default_epochs=90,  # the standard ResNet recipe
     ),
+    *_GLUE_SPECS,
 )
 
 
@@ -122,6 +145,7 @@ def load_dataset(
     image_size: int = 32,
     crop_size: int = 224,
     resize_size: int = 256,
+    models: Sequence[str] = (),
 ) -> DataSplits:
     """Load a data set by the name a user typed, with validation carved from its training set.
 
@@ -130,8 +154,9 @@ def load_dataset(
     chosen by ``split_seed``, becomes the validation split. ``num_workers`` is for ``DataLoader``
     -backed splits (imagefolder, imagenet), ``image_size`` the square side imagefolder resizes
     to, ``crop_size`` and ``resize_size`` imagenet's crop side and the shorter side it resizes
-    evaluation images to before the centre crop, and ``cache_dir`` where generated data (mnist1d)
-    is cached (default: :func:`default_cache_dir`).
+    evaluation images to before the centre crop, ``cache_dir`` where generated data (mnist1d)
+    and tokenised text (glue) is cached (default: :func:`default_cache_dir`), and ``models`` the
+    models the data is for (``glue:TASK`` is tokenised with their ``hf:`` model's tokenizer).
 
     Every user mistake (unknown name, bad value, missing or corrupt files) raises
     :class:`~sopkit.errors.UserError`. Splits are on the CPU; use :meth:`DataSplits.to`.
@@ -173,5 +198,6 @@ def load_dataset(
         image_size=image_size,
         crop_size=crop_size,
         resize_size=resize_size,
+        models=tuple(models),
     )
     return spec.loader(opts)

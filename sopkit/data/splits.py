@@ -157,9 +157,31 @@ class LoaderSplit:
         self._length = len(dataset)  # type: ignore[arg-type]
         self._loader: DataLoader[Any] | None = None
         self._loader_key: tuple[int, bool, int | None] | None = None
+        # A data-parallel rank's share (see ``shard``): this rank of that many; (0, 1) is all.
+        self._share = (0, 1)
+        self._shards: dict[tuple[int, int], LoaderSplit] = {}
 
     def __len__(self) -> int:
-        return self._length
+        return len(range(self._share[0], self._length, self._share[1]))
+
+    def shard(self, rank: int, world: int) -> LoaderSplit:
+        """The share of data-parallel process ``rank`` of ``world``: its ``batches`` load only the
+        examples at positions ``rank``, ``rank + world``, ... of each epoch's order, which every
+        rank draws alike from the same generator (``SeededOrder``). In batches of ``b``, these are
+        the strided shares ``batch[rank::world]`` of one process's batches of ``world * b``. Kept,
+        so its workers persist between epochs."""
+        if self._share != (0, 1):
+            raise ValueError("shard() of a shard")
+        if (rank, world) not in self._shards:
+            share = LoaderSplit(
+                self.dataset,
+                num_workers=self.num_workers,
+                device=self.device,
+                on_device=self.on_device,
+            )
+            share._share = (rank, world)
+            self._shards[(rank, world)] = share
+        return self._shards[(rank, world)]
 
     def __repr__(self) -> str:
         return f"LoaderSplit(n={len(self)}, num_workers={self.num_workers}, device={self.device})"
@@ -189,7 +211,14 @@ class LoaderSplit:
             self._loader = DataLoader(
                 self.dataset,
                 batch_size=batch_size,
-                sampler=SeededOrder(len(self), shuffle=shuffle, generator=on_cpu, seeded=seeded),
+                sampler=SeededOrder(
+                    self._length,
+                    shuffle=shuffle,
+                    generator=on_cpu,
+                    seeded=seeded,
+                    rank=self._share[0],
+                    world=self._share[1],
+                ),
                 num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=self.num_workers > 0,
@@ -208,9 +237,12 @@ class LoaderSplit:
             yield x, y.to(self.device, non_blocking=True)
 
     def close(self) -> None:
-        """Drop the cached ``DataLoader`` so its persistent worker processes can exit."""
+        """Drop the cached ``DataLoader`` (and those of its shards) so their persistent worker
+        processes can exit."""
         self._loader = None
         self._loader_key = None
+        for share in self._shards.values():
+            share.close()
 
     def to(self, device: torch.device | str) -> LoaderSplit:
         """A split over the same dataset whose batches are moved to ``device``."""
@@ -234,6 +266,10 @@ class DataSplits:
     # the training examples with the augmentation in their input pipeline (ImageNet's workers).
     augment: BatchAugment | None = None
     augmented_train: Split | None = None
+    # What the set is scored and trained with (sopkit.data.metrics): val chooses rates on ``metric``
+    # and test reports it; ``loss`` is the strategies' default loss ("mse" for a regression).
+    metric: str = "accuracy"
+    loss: str = "cross-entropy"
 
     def training_split(self, augment: str) -> tuple[Split, BatchAugment | None]:
         """The split a training run draws its batches from under ``--augment augment``, and the

@@ -4,6 +4,8 @@
   learning-rate grids) built from the command line and a preset.
 - :mod:`~sopkit.experiment.presets`: named plans shipped as TOML (``presets/*.toml``).
 - :mod:`~sopkit.experiment.runner`: trains a plan's unfinished trials, in this process or a pool.
+- :mod:`~sopkit.experiment.workers`: a ``--jobs`` pool's workers end with the main process; a job
+  that fails or kills its worker is recorded as failed and the grid goes on.
 - :mod:`~sopkit.experiment.records`: a trial's identity (``TrialSpec`` and its stable key) and what is
   kept of it (``TrialRecord``).
 - :mod:`~sopkit.experiment.store`: the SQLite database of trials, its schema version and migrations.

@@ -27,9 +27,13 @@ class TrialFailure:
 
     @classmethod
     def from_exception(cls, error: BaseException) -> TrialFailure:
+        try:
+            message = str(error)
+        except Exception:  # a plugin's exception whose __str__ raises must not stop the grid
+            message = f"<{type(error).__name__} whose str() failed>"
         return cls(
             error_type=type(error).__name__,
-            message=str(error),
+            message=message,
             traceback="".join(traceback_module.format_exception(error)),
         )
 

@@ -20,13 +20,16 @@ from typing import Any
 from sopkit.checks import (
     DEFAULT_EXPANSION,
     MAX_INT,
+    MAX_WORKERS,
+    check_choice,
     check_expansion,
+    check_float,
     check_int,
     check_names,
     default_of,
 )
 from sopkit.errors import UserError
-from sopkit.experiment.presets import load_preset, option_text, rescale_preset
+from sopkit.experiment.presets import load_preset, option_text, rescale_preset, safe_dir_name
 from sopkit.experiment.records import TrialSpec
 from sopkit.training.config import (
     DEFAULT_DEVICE,
@@ -114,6 +117,9 @@ class ComparePlan:
         "Download torchvision data sets into --data-dir if missing."))
     preset: str | None = field(default=None, metadata=_help(
         "A shipped preset (e.g. paper-table1) or a TOML file; options override it."))
+    save_models: bool = field(default=True, metadata=_help(
+        "Save every trial's deployable model beside its record (models/KEY.safetensors, for "
+        "`sopkit export`)."))
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -192,6 +198,10 @@ class ComparePlan:
         return "; ".join(parts)
 
 
+#: Where ``sopkit compare`` runs trials (``--executor``): see ``sopkit.experiment.executors``.
+EXECUTORS = ("local", "ray")
+
+
 @dataclass(frozen=True)
 class Execution:
     """How a plan's trials are run. Results never depend on it (each trial is seeded on its own)."""
@@ -204,11 +214,50 @@ class Execution:
         "DataLoader worker processes per split of a file-backed set (imagefolder, imagenet; "
         "ImageNet on a GPU wants 8 or more); 0 loads in the trial's process. Augmentation is "
         "seeded per sample, so results do not depend on it."))
+    executor: str = field(default="local", metadata=_help(
+        "Where trials run: 'local' (--jobs worker processes here) or 'ray' (Ray tasks on the "
+        "cluster at --ray-address; needs sopkit's 'ray' extra)."))
+    ray_address: str | None = field(default=None, metadata=_help(
+        "The Ray cluster of --executor ray (HOST:PORT); else RAY_ADDRESS, else a Ray instance "
+        "started here for the run."))
+    gpus_per_trial: float = field(default=0.0, metadata=_help(
+        "GPUs each trial asks Ray for (--executor ray); a fraction shares a GPU (0.5: two "
+        "trials per GPU); 0 trains on the CPU."))
+    checkpoint_every: float | None = field(default=60.0, metadata=_help(
+        "Checkpoint a running trial at the end of an epoch once this many seconds have passed "
+        "since its last checkpoint (0: every epoch; 'off': never); a killed trial resumes "
+        "from its checkpoint. Checkpoints go to OUT/checkpoints and go once trials commit."))
 
     def __post_init__(self) -> None:
-        check_int("--jobs", self.jobs)
-        check_int("--threads", self.threads)
-        check_int("--data-workers", self.data_workers, minimum=0, maximum=1024)
+        check_int("--jobs", self.jobs, maximum=MAX_WORKERS)
+        check_int("--threads", self.threads, maximum=MAX_WORKERS)
+        check_int("--data-workers", self.data_workers, minimum=0, maximum=MAX_WORKERS)
+        check_choice("--executor", self.executor, EXECUTORS, "executors")
+        if self.checkpoint_every is not None:
+            check_float("--checkpoint-every", self.checkpoint_every)
+        gpus = check_float("--gpus-per-trial", self.gpus_per_trial)
+        if gpus > 1 and not gpus.is_integer():  # Ray's rule: only fractions of one GPU share it
+            raise UserError(f"--gpus-per-trial above 1 must be a whole number, got {gpus:g}.")
+        if self.executor == "local" and (gpus or self.ray_address is not None):
+            raise UserError("--gpus-per-trial and --ray-address are for --executor ray.")
+        if self.executor == "ray" and self.jobs != 1:
+            raise UserError("--jobs is for --executor local; Ray runs as many trials at once as "
+                            "the cluster has CPUs and GPUs for (see --threads, --gpus-per-trial).")
+
+
+def parse_checkpoint_every(text: str) -> float | None:
+    """``--checkpoint-every``: seconds (``0``: every epoch), or ``off`` (None: no checkpoints)."""
+    if text.strip().lower() in ("off", "never", "none"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UserError(
+            f"--checkpoint-every must be a number of seconds or 'off', got {text!r}."
+        ) from None
+    if seconds == math.inf:
+        raise UserError("--checkpoint-every inf: for no checkpoints at all, give 'off'.")
+    return check_float("--checkpoint-every", seconds)
 
 
 @dataclass(frozen=True)
@@ -244,10 +293,12 @@ def build_plan(
     augment: str | None = None,
     expansion: int | None = None,
     bf16: bool = False,
+    compile_models: bool = default_of(TrainConfig, "compile"),
     options: dict[str, str] | None = None,
     device: str = DEFAULT_DEVICE,
     data_dir: str | None = None,
     download: bool = False,
+    save_models: bool = default_of(ComparePlan, "save_models"),
 ) -> ComparePlan:
     """A plan from a preset (if any) with every explicitly given value overriding it; what neither
     gives comes from ``ComparePlan``'s and ``TrainConfig``'s defaults (the data set's epochs).
@@ -301,6 +352,7 @@ def build_plan(
         ),
         "momentum": settings.get("momentum", train_default("momentum")),
         "bf16": bf16,
+        "compile": compile_models,
         "augment": _augment(
             pick(augment, "augment", None), dataset_spec(dataset_name).default_augment
         ),
@@ -324,6 +376,7 @@ def build_plan(
         data_dir=data_dir,
         download=download,
         preset=settings.get("name"),
+        save_models=save_models,
     )
 
 
@@ -341,7 +394,8 @@ def _augment(value: str | None, dataset_default: str) -> str:
 def default_out_dir(plan: ComparePlan) -> Path:
     """``runs/PRESET`` or ``runs/DATASET-MODELS``: the same command resumes into the same place."""
     name = plan.preset or f"{plan.dataset}-{'+'.join(plan.models)}"
-    return Path("runs") / name.replace(":", "_").replace("/", "_")
+    # A preset may come from someone else: its name must not choose a place outside runs/.
+    return Path("runs") / safe_dir_name(name)
 
 
 def plan_record(plan: ComparePlan, command: str = "") -> dict[str, Any]:

@@ -8,6 +8,8 @@ N (:func:`rescale_preset`), so a short trial run of a preset keeps its shape.
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from collections.abc import Callable
 from importlib import resources
@@ -47,7 +49,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # TOML has nan and inf; no field of a preset takes them.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_names(value: Any) -> bool:
@@ -56,8 +59,15 @@ def _is_names(value: Any) -> bool:
 
 def _is_option_value(value: Any) -> bool:
     # A list of integers is an option's comma-separated list (``"mk.milestones" = [90, 180]``).
-    return isinstance(value, str | bool | int | float) or (
+    return isinstance(value, str | bool | int) or _is_number(value) or (
         isinstance(value, list) and all(_is_int(v) for v in value)
+    )
+
+
+def _is_lr_grid(value: Any) -> bool:
+    # A string as --lr-grid takes it, or a list of rates (``[0.01, 0.003]``).
+    return isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(_is_number(v) for v in value)
     )
 
 
@@ -73,20 +83,17 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (_is_int, "an integer"),
     "expansion": (_is_int, "an integer"),
     "dataset": (lambda v: isinstance(v, str), "a string"),
-    "lr_grid": (lambda v: isinstance(v, str), "a string"),
+    "lr_grid": (_is_lr_grid, "a string such as \"paper:-2..2\" or a list of rates"),
     "schedule": (lambda v: isinstance(v, str), "a string"),
-    "weight_decay": (_is_number, "a number"),
-    "options": (
-        lambda v: isinstance(v, dict) and all(_is_option_value(x) for x in v.values()),
-        "a table of strings, numbers, booleans or lists of integers",
-    ),
-    "lr": (_is_number, "a number"),
+    "weight_decay": (_is_number, "a finite number"),
+    "options": (lambda v: isinstance(v, dict), "a table"),  # its values: see _check_options
+    "lr": (_is_number, "a finite number"),
     "milestones": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
                    "a list of integers"),
-    "lr_decay": (_is_number, "a number"),
+    "lr_decay": (_is_number, "a finite number"),
     "warmup_epochs": (_is_int, "an integer"),
-    "label_smoothing": (_is_number, "a number"),
-    "momentum": (_is_number, "a number"),
+    "label_smoothing": (_is_number, "a finite number"),
+    "momentum": (_is_number, "a finite number"),
     "augment": (lambda v: isinstance(v, str), "a string"),
 }
 
@@ -107,8 +114,10 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
             " nor a TOML file."
         )
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UserError(f"Preset {path} cannot be read: {error.strerror or error}.") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise UserError(f"Preset {path} is not valid TOML: {error}.") from None
     unknown = sorted(set(data) - PRESET_KEYS)
     if unknown:
@@ -119,11 +128,68 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     for key, value in data.items():
         check, kind = _KINDS.get(key, (lambda v: True, ""))
         if not check(value):
-            raise UserError(f"Preset {path}: {key} must be {kind}, got {value!r}.")
+            raise UserError(f"Preset {path}: {key} must be {kind}, got {_shown(value)}.")
+    _check_options(path, data.get("options", {}))
+    if isinstance(data.get("lr_grid"), list):  # as --lr-grid takes it
+        data["lr_grid"] = ",".join(repr(float(rate)) for rate in data["lr_grid"])
+    if "name" in data:
+        data["name"] = check_preset_name(path, data["name"])
     if "lr" in data and "lr_grid" in data:
         raise UserError(f"Preset {path} gives both lr and lr_grid: give one.")
     data.setdefault("name", path.stem)
     return data
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
+def _check_options(path: Path, options: dict[str, Any]) -> None:
+    """Each value of a preset's ``[options]`` table, named by its key when it is of the wrong type
+    (a nested table, a list of strings, nan...)."""
+    for key, value in options.items():
+        if not _is_option_value(value):
+            raise UserError(
+                f"Preset {path}: options.{key} must be a string, a finite number, a boolean or a "
+                f"list of integers, got {_shown(value)}."
+            )
+
+
+#: The longest preset name: it becomes a directory name (``runs/NAME``), and file systems allow
+#: 255 bytes for one.
+MAX_NAME_BYTES = 100
+
+
+def check_preset_name(path: Path | str, name: str) -> str:
+    """A preset's ``name``, refused when it reads as a path: a preset may come from someone else,
+    and its name picks the default output directory (``runs/NAME``), so ``../../x``, ``/etc``, a
+    NUL or other control character, a leading dot or more than :data:`MAX_NAME_BYTES` bytes is a
+    UserError naming the preset. (Other characters, spaces say, are replaced in the directory name
+    by :func:`safe_dir_name`.)"""
+    if (
+        not name.strip()
+        or len(name.encode("utf-8", "replace")) > MAX_NAME_BYTES
+        or name.startswith(".")
+        or re.search(r"[/\\\x00-\x1f\x7f]", name)
+    ):
+        raise UserError(
+            f"Preset {path}: name {_shown(name)} cannot name the output directory (runs/NAME): "
+            f"it must not be empty, contain '/', '\\' or control characters, start with '.', or "
+            f"be longer than {MAX_NAME_BYTES} bytes."
+        )
+    return name
+
+
+def safe_dir_name(name: str) -> str:
+    """``name`` as one directory name that stays inside its parent: every character other than
+    letters, digits, ``.``, ``_``, ``-`` and ``+`` becomes ``_`` (``/``, ``\\``, ``:``, spaces, NUL...),
+    leading dots become ``_`` (no ``..``, no hidden directory), and it is cut to
+    :data:`MAX_NAME_BYTES` bytes. Names made of the allowed characters come back unchanged, so the
+    same comparison keeps resuming into the same directory."""
+    safe = re.sub(r"[^\w.+-]", "_", name)
+    safe = re.sub(r"^\.+", lambda dots: "_" * len(dots.group()), safe)
+    return safe.encode("utf-8")[:MAX_NAME_BYTES].decode("utf-8", "ignore") or "_"
 
 
 def option_text(value: Any) -> str:
@@ -145,7 +211,8 @@ def rescale_preset(settings: dict[str, Any], epochs: int) -> dict[str, Any]:
     reports it). Without ``epochs`` in the preset, or at the same value, nothing changes.
     """
     old = settings.get("epochs")
-    if not isinstance(old, int) or old == epochs:
+    # An invalid one (0, a string) is left for its check to report.
+    if not isinstance(old, int) or isinstance(old, bool) or old < 1 or old == epochs:
         return settings
     ratio = epochs / old
 

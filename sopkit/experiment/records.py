@@ -18,6 +18,7 @@ from sopkit.errors import UserError
 
 FINISHED = "finished"
 DIVERGED = "diverged"
+FAILED = "failed"  # the trial raised; a rerun retries it (store schema 2)
 
 # What identifies a trial, as of store schema 1. The key is the first 24 hex digits of the SHA-256
 # of the canonical JSON (sorted keys, ``default=str``) of these TrialSpec fields, with ``train``
@@ -200,7 +201,7 @@ class TrialRecord:
     """A stored trial: its spec, its result fields, where it came from and when it finished."""
 
     key: str
-    status: str  # FINISHED or DIVERGED
+    status: str  # FINISHED, DIVERGED or FAILED
     spec: TrialSpec
     test_accuracy: float | None
     val_accuracy: float | None
@@ -218,10 +219,23 @@ class TrialRecord:
     # Flat fields this version does not name (written by a newer sopkit): kept so that as_dict()
     # gives back what was stored.
     unknown: Mapping[str, Any] = field(default_factory=dict)
+    # A FAILED trial's error: ``error_type``, ``message`` and ``traceback`` (TrialFailure's fields).
+    failure: Mapping[str, Any] | None = None
 
     @property
     def diverged(self) -> bool:
         return self.diverged_at_step is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAILED
+
+    @property
+    def error(self) -> str:
+        """A failed trial's error on one line ("RuntimeError: out of memory"); "" otherwise."""
+        if self.failure is None:
+            return ""
+        return error_line(self.failure.get("error_type"), self.failure.get("message"))
 
     @classmethod
     def from_stored(
@@ -232,8 +246,10 @@ class TrialRecord:
         result: Mapping[str, Any],
         provenance: Mapping[str, Any],
         finished_at: float,
+        failure: Mapping[str, Any] | None = None,
     ) -> TrialRecord:
-        """A record from the columns of a ``trials`` row (spec, result, provenance parsed)."""
+        """A record from the columns of a ``trials`` row (spec, result, provenance and failure
+        parsed)."""
         spec_names = {spec_field.name for spec_field in fields(TrialSpec)}
         unknown = {k: v for k, v in spec.items() if k not in spec_names}
         unknown.update(
@@ -257,6 +273,7 @@ class TrialRecord:
             provenance=provenance,
             finished_at=finished_at,
             unknown=unknown,
+            failure=dict(failure) if failure is not None else None,
         )
 
     def result_dict(self) -> dict[str, Any]:
@@ -273,4 +290,19 @@ class TrialRecord:
         flat.update(copy.deepcopy(dict(self.unknown)))
         flat["provenance"] = copy.deepcopy(dict(self.provenance))
         flat["finished_at"] = self.finished_at
+        if self.failure is not None:
+            flat["failure"] = copy.deepcopy(dict(self.failure))
         return flat
+
+
+ERROR_LINE_LIMIT = 300  # characters of an error message a report shows (trials.jsonl has it all)
+
+
+def error_line(error_type: Any, message: Any) -> str:
+    """An error as one line: its type and the first line of its message."""
+    lines = str(message or "").strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    more = " …" if len(lines) > 1 or len(first) > ERROR_LINE_LIMIT else ""
+    first = first[:ERROR_LINE_LIMIT]
+    kind = str(error_type or "Error")
+    return f"{kind}: {first}{more}" if first else kind

@@ -3,8 +3,10 @@
 Trials are grouped by everything that is not strategy, seed or learning rate (data set, model,
 optimizer and the rest of the training configuration). In each group, every strategy's learning rate
 is chosen by the mean VALIDATION accuracy over seeds; a rate at which any seed diverged is never
-chosen. The test accuracy at the chosen rate is reported as mean ± std over seeds, and against
-``baseline`` on the same seeds as the mean paired difference with a 95% t-interval.
+chosen. A failed trial (it raised) counts as one not run yet: it is listed with its error, and the
+numbers come from the trials that finished. The test accuracy at the chosen rate is reported as
+mean ± std over seeds, and against ``baseline`` on the same seeds as the mean paired difference
+with a 95% t-interval.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class StrategyResult:
     wall_time: float  # summed over the seeds at the chosen rate
     curves: list[list[dict[str, Any]]]  # per seed at the chosen rate: the epoch records
     diverged: list[dict[str, Any]]  # every diverged trial: seed, lr, step
+    # Every failed trial: seed, lr, error_type, error (its first line); a rerun retries them.
+    failed: list[dict[str, Any]] = field(default_factory=list)
     paired: PairedDifference | None = None
     extra: dict[str, float] = field(default_factory=dict)
     trials: int = 0
@@ -134,7 +138,9 @@ def _median(values: Iterable[float | None]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
-def _summarise_strategy(name: str, trials: Sequence[TrialRecord]) -> StrategyResult:
+def _summarise_strategy(name: str, every_trial: Sequence[TrialRecord]) -> StrategyResult:
+    failed = [t for t in every_trial if t.failed]
+    trials = [t for t in every_trial if not t.failed]  # failed trials have no numbers
     by_lr: dict[float, list[TrialRecord]] = {}
     for trial in trials:
         by_lr.setdefault(trial.spec.lr, []).append(trial)
@@ -152,7 +158,7 @@ def _summarise_strategy(name: str, trials: Sequence[TrialRecord]) -> StrategyRes
     extra_keys = sorted(
         {k for r in at_chosen for k, v in r.extra.items() if isinstance(v, int | float)}
     )
-    example = at_chosen[0] if at_chosen else trials[0]
+    example = at_chosen[0] if at_chosen else (trials or every_trial)[0]
     return StrategyResult(
         strategy=name,
         chosen_lr=chosen,
@@ -176,10 +182,19 @@ def _summarise_strategy(name: str, trials: Sequence[TrialRecord]) -> StrategyRes
             for r in trials
             if r.diverged
         ],
+        failed=[
+            {
+                "seed": r.spec.seed,
+                "lr": r.spec.lr,
+                "error_type": (r.failure or {}).get("error_type"),
+                "error": r.error,
+            }
+            for r in sorted(failed, key=lambda r: (r.spec.lr, r.spec.seed))
+        ],
         extra={
             k: statistics.fmean(r.extra[k] for r in at_chosen if k in r.extra) for k in extra_keys
         },
-        trials=len(trials),
+        trials=len(every_trial),
     )
 
 

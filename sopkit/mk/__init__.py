@@ -13,6 +13,7 @@ Where things are:
   samplers (numpy SFC64 on CPU threads, an inductor-compiled CPU kernel, a fused CUDA kernel).
 - :mod:`sopkit.mk.autograd`: the mixing as autograd Functions, and what backward keeps of ``p``.
 - :mod:`sopkit.mk.buffers`: reusable CPU buffers with an explicit lifecycle.
+- :mod:`sopkit.mk.graph`: ``torch.compile`` of an expanded model (the mixing outside the graph).
 
 ``sopkit.majority`` is the documented public alias of this package's API.
 """

@@ -50,6 +50,7 @@ from sopkit import torch_private
 
 __all__ = [
     "available",
+    "cxx_compiler_found",
     "dirichlet_rows",
     "kernel",
     "mix_backward",
@@ -201,6 +202,11 @@ def _quiet(logger_name: str) -> Iterator[None]:
 def _compiler_found() -> bool:
     candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
     return any(name and shutil.which(name) for name in candidates)
+
+
+def cxx_compiler_found() -> bool:
+    """Whether a C++ compiler is on the PATH (or in ``CXX``): what inductor needs on the CPU."""
+    return _compiler_found()
 
 
 def available(expansion: int) -> bool:

@@ -27,6 +27,8 @@ from torch import nn
 
 from sopkit.checks import DEFAULT_EXPANSION, check_expansion, check_int
 from sopkit.errors import UserError
+from sopkit.mk.entries import ENTRY_ATTRIBUTE, install_entry_hooks
+from sopkit.mk.graph import uncompiled
 from sopkit.mk.kernels import (
     COPIES_NAME,
     HOLDER_NAME,
@@ -40,10 +42,12 @@ from sopkit.mk.sampling import MixingStream, derive_seed
 __all__ = [
     "DEFAULT_INIT",
     "EXPANDABLE",
+    "EXPANDABLE_BY_NAME",
     "INIT_MODES",
     "STREAM_TAG",
     "collapse",
     "expand",
+    "refuse_fsdp",
     "fixed_mixing",
     "fixed_weights",
 ]
@@ -76,6 +80,13 @@ EXPANDABLE: dict[type[nn.Module], tuple[str, ...]] = {
     nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
 }
 
+# The same table for layer types of optional libraries, by qualified class name, so that sopkit
+# recognises them without importing the library: GPT-2's Conv1D is a linear layer whose weight is
+# stored transposed, (in, out).
+EXPANDABLE_BY_NAME: dict[str, tuple[str, ...]] = {
+    "transformers.pytorch_utils.Conv1D": ("weight",),
+}
+
 # Kept in a module's __dict__ while it is expanded: the order of its parameters before expand, so
 # that collapse restores it (state_dict key order).
 _ORDER_ATTRIBUTE = "_sopkit_parameter_order"
@@ -84,6 +95,9 @@ _ORDER_ATTRIBUTE = "_sopkit_parameter_order"
 def _default_selected(module: nn.Module, attribute: str) -> bool:
     for layer_type, attributes in EXPANDABLE.items():
         if isinstance(module, layer_type) and attribute in attributes:
+            return True
+    for cls in type(module).__mro__:
+        if attribute in EXPANDABLE_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}", ()):
             return True
     return False
 
@@ -143,6 +157,20 @@ def _initial_copies(
     return copies.view(expansion, *weight.shape)
 
 
+def refuse_fsdp(model: nn.Module) -> None:
+    """A UserError for a model with FSDP in it: all copies of an expanded model are one flat
+    parameter, which FSDP would gather whole on every rank (nothing sharded, all communicated)."""
+    # Class names, not imports: FSDP1's wrapper, and FSDP2's fully_shard, which swaps a module's
+    # class for one deriving from FSDPModule.
+    names = {"FullyShardedDataParallel", "FSDPModule"}
+    if any(cls.__name__ in names for m in model.modules() for cls in type(m).__mro__):
+        raise UserError(
+            "FSDP is not supported: all majority-kernel copies of a model are one flat parameter, "
+            "so FSDP would gather it whole on every rank. Use DistributedDataParallel (torchrun "
+            "--nproc-per-node N -m sopkit compare ...); see the README, 'One trial on many GPUs'."
+        )
+
+
 def _parameter_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_parameters(recurse=False, remove_duplicate=False)]
 
@@ -179,6 +207,12 @@ def expand(
         The expanded model: the same classes, with the copies in the parameter ``sopkit_copies``.
     """
     check_expansion(expansion, "expansion")
+    if uncompiled(model) is not model:
+        raise UserError(
+            "expand() got a model torch.compile returned: expand the model first, then compile "
+            "the expanded model (torch.compile(sopkit.expand(model)))."
+        )
+    refuse_fsdp(model)
     if seed is not None:
         check_int("seed", seed, minimum=0)
     if init not in INIT_MODES:
@@ -229,6 +263,7 @@ def expand(
     holder = MajorityKernels(model, expansion, kernels, stream)
     model.__dict__[HOLDER_NAME] = holder
     holder.install_hooks()
+    install_entry_hooks(model, holder)  # Hugging Face's generate() calls the encoder directly
     with torch.no_grad():
         holder.assign(holder.mean_weights())
     return model
@@ -251,8 +286,13 @@ def collapse(model: nn.Module) -> nn.Module:
 
     Works on a deep copy; ``model`` itself is untouched and keeps training. The result has the
     original classes, ``state_dict`` keys and parameter count, and loads with ``strict=True`` into a
-    freshly built original architecture.
+    freshly built original architecture. A model wrapped in ``DistributedDataParallel`` (or
+    ``DataParallel``) collapses to its ``.module``'s ordinary model; FSDP is refused.
     """
+    model = uncompiled(model)  # torch.compile(expanded) returns a wrapper of the expanded model
+    refuse_fsdp(model)
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module  # copying the wrapper would copy its process group and buckets
     holder = find_majority(model)
     if holder is None:
         raise UserError(
@@ -278,6 +318,7 @@ def collapse(model: nn.Module) -> nn.Module:
     delattr(collapsed, COPIES_NAME)
     del collapsed.__dict__[HOLDER_NAME]
     for module in collapsed.modules():
+        module.__dict__.pop(ENTRY_ATTRIBUTE, None)  # its hooks went with remove_hooks()
         order = module.__dict__.pop(_ORDER_ATTRIBUTE, None)
         if order is not None:
             _restore_parameter_order(module, order)

@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sopkit.mk.autograd import BACKWARD_MODES, FixedMixing, SampledMixing
 from sopkit.mk.buffers import pooled_buffer
+from sopkit.mk.graph import call_outside_graph, compiling, uncompiled
 from sopkit.mk.sampling import (
     SAMPLERS,
     MixingDraw,
@@ -208,7 +209,12 @@ class MajorityKernels:
         )
 
     def refresh(self) -> None:
-        """Recompute the weights the layers see; called before every forward of the root model."""
+        """Recompute the weights the layers see; called before every forward of the root model.
+
+        Under ``torch.compile`` it runs outside the graph (:mod:`sopkit.mk.graph`)."""
+        if compiling():
+            call_outside_graph(MajorityKernels.refresh, self)
+            return
         if self.fixed_weights is not None:
             self.assign(self.fixed_weights)
         elif self.fixed_mixing is not None:
@@ -238,6 +244,9 @@ class MajorityKernels:
         The autograd graph keeps what backward needs; the modules then hold no reference to the graph,
         so a forward without a backward does not keep activations alive and the model can be deep-copied.
         """
+        if compiling():  # module attributes set eagerly, as refresh sets them
+            call_outside_graph(MajorityKernels.release, self)
+            return
         for kernel in self.kernels:
             for module, attribute in kernel.bindings:
                 weight = getattr(module, attribute)
@@ -277,7 +286,12 @@ def release_after_forward(model: nn.Module, args: object, output: object) -> Non
 
 
 def find_majority(model: nn.Module) -> MajorityKernels | None:
-    """The ``MajorityKernels`` of an expanded model, or None for an ordinary one."""
+    """The ``MajorityKernels`` of an expanded model, or None for an ordinary one. A model wrapped in
+    ``DistributedDataParallel`` (or ``DataParallel``) is seen through: its ``.module``'s, and so is
+    the module ``torch.compile`` returned."""
+    model = uncompiled(model)
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
     holder = model.__dict__.get(HOLDER_NAME)
     return holder if isinstance(holder, MajorityKernels) else None
 

@@ -14,9 +14,13 @@ from sopkit.errors import UserError
 
 __all__ = [
     "check_input_shape",
+    "check_model_fits",
+    "code_models_refused",
+    "refuse_code_models",
     "check_num_classes",
     "fraction",
     "positive_int",
+    "raised_at",
     "shape_error",
 ]
 
@@ -70,3 +74,104 @@ def check_num_classes(num_classes: Any) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}.")
     return num_classes
+
+
+def raised_at(error: BaseException) -> str:
+    """`` (at file.py:12)``: where ``error`` was raised, for a message about a user's code."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+
+
+def check_model_fits(
+    name: str,
+    model: Any,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    device: Any = None,
+    example: Any = None,
+) -> None:
+    """A UserError, naming the model and the shapes, unless ``model`` can be trained on inputs of
+    ``input_shape`` into ``num_classes`` classes: it is a module with trainable parameters, and a
+    forward pass (eval mode, no gradients) on a batch of two inputs on ``device`` returns logits of
+    shape ``(2, num_classes)``. The inputs are the first two of ``example`` (a tensor of real
+    inputs: token ids stay integers) or, without it, zeros. Run before training, so a user's
+    factory whose layers do not fit the data fails in a second, not after a trial's set-up."""
+    import torch
+    from torch import nn
+
+    what = f"inputs of shape {input_shape} and {num_classes} classes"
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"Model {name!r} is a {type(model).__name__}, not a torch.nn.Module ({what})."
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(
+            f"Model {name!r} has no trainable parameters (built for {what}): there is nothing to "
+            "train. A factory must return a module whose layers hold parameters."
+        )
+    if isinstance(example, torch.Tensor) and len(example) >= 1:
+        batch = example[:2].to(device)
+    else:
+        batch = torch.zeros((2, *input_shape), device=device)
+    rows = len(batch)
+    was_training = model.training
+    try:
+        model.to(device)
+        model.eval()
+        with torch.no_grad():
+            output = model(batch)
+    except UserError:
+        raise
+    except Exception as error:  # a user's layers may raise anything on a shape they do not take
+        raise UserError(
+            f"Model {name!r} does not fit the data: its forward pass on a batch of {rows} inputs of "
+            f"shape {input_shape} ({num_classes} classes) failed: {type(error).__name__}: "
+            f"{error}{raised_at(error)}"
+        ) from error
+    finally:
+        model.train(was_training)
+    # One output per example is also a regression's (num_classes 1: STS-B's score).
+    shapes = {(rows, num_classes)} | ({(rows,)} if num_classes == 1 else set())
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) not in shapes:
+        got = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor)
+               else f"a {type(output).__name__}")
+        raise UserError(
+            f"Model {name!r} does not fit the data: on a batch of {rows} inputs of shape "
+            f"{input_shape} it returns {got}; sopkit needs logits of shape ({rows}, {num_classes}), one score per "
+            "class of the data set."
+        )
+
+
+#: Set to 1 to refuse every ``package.module:factory`` model (``--no-code-models`` does the same
+#: for one ``sopkit compare``).
+NO_CODE_MODELS_ENV = "SOPKIT_NO_CODE_MODELS"
+
+
+def code_models_refused() -> bool:
+    """Whether ``SOPKIT_NO_CODE_MODELS`` asks to refuse ``package.module:factory`` models."""
+    import os
+
+    return os.environ.get(NO_CODE_MODELS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def refuse_code_models(
+    models: Sequence[str], *, refuse: bool = False, preset: str | None = None
+) -> None:
+    """A UserError when code models are refused (``refuse``, or ``SOPKIT_NO_CODE_MODELS=1``) and
+    ``models`` names one: ``package.module:factory`` imports that module, which runs its code, so a
+    preset received from someone else can run anything through it."""
+    if not (refuse or code_models_refused()):
+        return
+    # hf:NAME loads weights and a configuration, not code (sopkit.models.hf never trusts remote code).
+    code = [model for model in models if ":" in model and not model.startswith("hf:")]
+    if code:
+        source = f" (from preset {preset!r})" if preset else ""
+        raise UserError(
+            f"Model {code[0]!r}{source} is code: 'package.module:factory' imports that module, "
+            f"which runs it. Refused because --no-code-models or {NO_CODE_MODELS_ENV}=1 is set; "
+            "use a registered model (see `sopkit models`) or drop the switch if you trust it."
+        )

@@ -17,7 +17,12 @@ from typing import Any
 from torch import nn
 
 from sopkit.errors import UserError, unknown_name
-from sopkit.models.checks import check_input_shape, check_num_classes
+from sopkit.models.checks import (
+    check_input_shape,
+    check_num_classes,
+    raised_at,
+    refuse_code_models,
+)
 from sopkit.models.conv import cnn1d, cnn2d
 from sopkit.models.dense import mlp_a1, mlp_a2, mlp_a3
 from sopkit.models.resnet import resnet18, resnet50
@@ -129,11 +134,15 @@ def _resolve_factory(target: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except (ImportError, SyntaxError) as exc:
-        # A missing module or a typo in the user's file: their fix, so no traceback. Any other
-        # exception raised while the module runs keeps its traceback, which they need to debug it.
+        # A missing module or a typo in the user's file: their fix, so no traceback.
         raise UserError(
             f"Cannot import module {module_name!r} for model {target!r}: "
             f"{type(exc).__name__}: {exc}. Is it installed or on PYTHONPATH?"
+        ) from exc
+    except (Exception, SystemExit) as exc:  # the module's own code failed (or called sys.exit)
+        raise UserError(
+            f"Importing module {module_name!r} for model {target!r} failed: "
+            f"{type(exc).__name__}: {exc}{raised_at(exc)}."
         ) from exc
     obj: Any = module
     for part in attr_path.split("."):
@@ -160,6 +169,7 @@ def _build_custom(
     ``input_shape`` and ``num_classes`` are passed only if the factory's signature accepts them
     (by name or through ``**kwargs``); a factory taking neither is called with no arguments.
     """
+    refuse_code_models([target])  # SOPKIT_NO_CODE_MODELS=1: before anything is imported
     factory = _resolve_factory(target)
     _check_options(target, factory, options)
     params = _parameters(factory)
@@ -170,14 +180,20 @@ def _build_custom(
             if key in named or var_keyword:
                 kwargs[key] = value
     kwargs.update(options)
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     try:
         model = factory(**kwargs)
+    except UserError:
+        raise
     except TypeError as exc:
         # Usually a signature mismatch (a required parameter we cannot know about).
-        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise UserError(
             f"Calling the model factory {target}({shown}) failed: {exc}. A factory should take "
             "input_shape and num_classes keyword arguments, or no arguments."
+        ) from exc
+    except (Exception, SystemExit) as exc:  # the factory's own code: name it, and where it raised
+        raise UserError(
+            f"The model factory {target}({shown}) raised {type(exc).__name__}: {exc}{raised_at(exc)}."
         ) from exc
     if not isinstance(model, nn.Module):
         raise UserError(
@@ -192,7 +208,8 @@ def build_model(
 ) -> nn.Module:
     """Build the model a user named, sized for the data set's ``input_shape`` and ``num_classes``.
 
-    ``name`` is a key of :data:`MODELS` or ``package.module:factory``. ``options`` are the
+    ``name`` is a key of :data:`MODELS`, ``hf:NAME_OR_PATH`` (a pretrained Hugging Face model,
+    :mod:`sopkit.models.hf`) or ``package.module:factory``. ``options`` are the
     model's own keyword options (e.g. ``small_input_stem=False`` for the ResNets). Every
     mistake in the request raises :class:`UserError`.
     """
@@ -200,6 +217,10 @@ def build_model(
     num_classes = check_num_classes(num_classes)
     if not isinstance(name, str) or not name.strip():
         raise unknown_name("model", repr(name), MODELS)
+    if name.startswith("hf:"):  # a pretrained Hugging Face model (sopkit.models.hf, extra 'hf')
+        from sopkit.models.hf import build_hf_model
+
+        return build_hf_model(name, input_shape=input_shape, num_classes=num_classes, **options)
     if ":" in name:
         return _build_custom(name, input_shape, num_classes, options)
     spec = MODELS.get(name)

@@ -2,18 +2,21 @@
 its results database alone (:func:`regenerate`).
 
 ``sopkit compare`` regenerates when it finishes (or is interrupted) and ``sopkit report DIR`` on an
-existing directory: both produce the same files from the same data.
+existing directory: both produce the same files from the same data. The files are written together
+(:func:`sopkit.files.staged_writes`): a Ctrl-C or an error leaves them all as they were or all new.
+Reading needs no write access to the database; the files go beside it, or where ``report_dir`` says.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sopkit.errors import UserError
-from sopkit.files import write_atomic
+from sopkit.files import staged_writes, write_atomic
 from sopkit.report.figures import draw_figures
 from sopkit.report.html import write_html
 from sopkit.report.markdown import write_markdown
@@ -72,19 +75,24 @@ def regenerate(
     console: Console | None = None,
     plan: Mapping[str, Any] | None = None,
     complete: bool | None = None,
+    report_dir: Path | None = None,
 ) -> list[Path]:
-    """Write report.md, report.html, summary.json, summary.csv and trials.jsonl into ``out_dir``.
+    """Write report.md, report.html, summary.json, summary.csv and trials.jsonl into ``report_dir``
+    (default: ``out_dir``, the comparison's directory, which holds the database).
 
     With ``plan`` (a stored plan record), the reports cover exactly that plan's trials: a directory
     can hold several comparisons' trials, written by several processes at once. Without it, they
     cover every trial in the database, described by the latest plan stored there. The command
     line shown is the one stored with the plan (none for a plan stored without one), never the
-    command that regenerates. ``complete`` overrides the check that every planned trial finished.
+    command that regenerates. ``complete`` overrides the check that every planned trial finished
+    (a failed trial has not).
     """
     from sopkit.experiment.results import aggregate
     from sopkit.experiment.store import TrialStore
     from sopkit.report.terminal import print_report
 
+    report_dir = Path(out_dir if report_dir is None else report_dir)
+    _check_writable(report_dir, out_dir)
     with TrialStore.open_existing(out_dir) as store:
         stored_plan = store.read_plan() or {}
         trials = store.trials()
@@ -97,7 +105,7 @@ def regenerate(
     if not trials:
         raise UserError(f"The results database in {out_dir} holds no finished trial yet.")
     if complete is None:
-        complete = bool(planned) and planned <= {t.key for t in trials}
+        complete = bool(planned) and planned <= {t.key for t in trials if not t.failed}
     groups = aggregate(trials, plan.get("strategies", ()))
     meta = ReportMeta.from_trials(
         trials,
@@ -107,11 +115,31 @@ def regenerate(
         complete=complete,
         grid_note=plan.get("grid_note", ""),
     )
-    paths = write_all(out_dir, groups, meta)
-    paths.append(_write_trials(out_dir / TRIALS_FILE, trials))
+    try:
+        with staged_writes():
+            paths = write_all(report_dir, groups, meta)
+            paths.append(_write_trials(report_dir / TRIALS_FILE, trials))
+    except OSError as error:
+        raise UserError(
+            f"Cannot write the reports into {report_dir}: {error}. Nothing there was changed; "
+            f"`sopkit report {out_dir} --out OTHER_DIR` writes them elsewhere."
+        ) from None
     if console is not None:
         print_report(console, groups, meta)
     return paths
+
+
+def _check_writable(report_dir: Path, out_dir: Path) -> None:
+    """Say so before reading anything when the reports cannot be written where they go."""
+    existing = report_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"Cannot write the reports into {report_dir}: {existing} is read-only. The results "
+            f"database is read as it is: `sopkit report {out_dir} --out OTHER_DIR` writes them "
+            "elsewhere."
+        )
 
 
 def _write_trials(path: Path, trials: Sequence[TrialRecord]) -> Path:

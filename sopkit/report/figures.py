@@ -14,6 +14,7 @@ from sopkit.experiment.results import REFERENCE_STRATEGY
 from sopkit.report.colours import strategy_colour, strategy_marker
 from sopkit.report.format import finite, format_lr, format_params, optimizer_name
 from sopkit.report.labels import Point, place_labels
+from sopkit.task_metrics import metric_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -146,7 +147,7 @@ def _learning_curves(groups: Sequence[Group]) -> Figure:
         ax.set_title(_panel_title(group, groups))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
-        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylabel(f"validation {metric_name(group.dataset)} (%)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(
                 loc="best",  # the lower right (kept free below the plateau) unless a curve is there
@@ -291,7 +292,7 @@ def _accuracy_vs_step_time(groups: Sequence[Group]) -> Figure:
             times = {r.strategy: r.median_step_time * 1e3 for r in group.strategies}
             labels.append(_scatter_panel(ax, group, times, ratio=False))
             ax.set_xlabel("median training step time (ms)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {metric_name(group.dataset)} (%)")  # the data set's metric
         ax.set_title(_panel_title(group, groups))
     figure.suptitle("Test accuracy against training cost")
     _finish_scatter(figure, axes, labels, "mean ± std over seeds · dotted: baseline")
@@ -309,7 +310,7 @@ def _accuracy_vs_params(groups: Sequence[Group]) -> Figure:
         }
         labels.append(_scatter_panel(ax, group, _dodged(params), log_ticks=list(params.values())))
         ax.set_xlabel("inference parameters (log scale)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {metric_name(group.dataset)} (%)")  # the data set's metric
         ax.set_title(_panel_title(group, groups))
     figure.suptitle("Test accuracy against the size of the deployed model")
     _finish_scatter(

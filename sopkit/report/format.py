@@ -83,7 +83,8 @@ def describe_lr_grid(optimizer: str, rates: Sequence[float]) -> str:
     centre = PAPER_LR_BASE.get(optimizer)
     if centre is not None:
         exponents = [math.log(lr / centre) / math.log(1.5) for lr in rates]
-        if all(abs(e - round(e)) < 1e-6 for e in exponents):
+        # A rate near the float limit gives an infinite exponent: not a grid point, just a rate.
+        if all(math.isfinite(e) and abs(e - round(e)) < 1e-6 for e in exponents):
             ints = [round(e) for e in exponents]
             if len(ints) == 1:
                 return f"1 rate: {format_lr(rates[0])} = {centre:g}·1.5^{ints[0]}"

@@ -17,6 +17,7 @@ from sopkit.report.tables import (
     Table,
     coverage_warnings,
     diverged_table,
+    failed_table,
     group_table,
     lr_sweep_table,
     paired_table,
@@ -114,7 +115,8 @@ def render_html(groups: Sequence[Group], meta: ReportMeta, figures: Sequence[Fig
     body.append(
         '<nav><a href="#accuracy">Accuracy</a><a href="#differences">Differences</a>'
         '<a href="#figures">Figures</a><a href="#details">Details</a>'
-        '<a href="#diverged">Diverged</a><a href="#provenance">How this was produced</a></nav>'
+        '<a href="#diverged">Diverged</a><a href="#failed">Failed</a>'
+        '<a href="#provenance">How this was produced</a></nav>'
     )
     if not meta.complete:
         body.append(
@@ -147,6 +149,9 @@ def render_html(groups: Sequence[Group], meta: ReportMeta, figures: Sequence[Fig
     body.append('<h2 id="diverged">Diverged trials</h2>')
     diverged = diverged_table(groups)
     body.append(html_table(diverged, None) if diverged.rows else "<p>No trial diverged.</p>")
+    body.append('<h2 id="failed">Failed trials</h2>')
+    failed = failed_table(groups)
+    body.append(html_table(failed, None) if failed.rows else "<p>No trial failed.</p>")
     body.append('<h2 id="provenance">How this was produced</h2>')
     if meta.command:
         body.append(f"<pre>{esc(meta.command)}</pre>")

@@ -107,6 +107,7 @@ CSV_COLUMNS = (
     "wall_time",
     "teacher_wall_time",
     "diverged_trials",
+    "failed_trials",
     "trials",
 )
 
@@ -150,6 +151,7 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
                 "wall_time": r.wall_time,
                 "teacher_wall_time": teacher_wall_time(r),
                 "diverged_trials": len(r.diverged),
+                "failed_trials": len(r.failed),
                 "trials": r.trials,
             }
             rows.append({k: _csv_value(v) for k, v in row.items()})

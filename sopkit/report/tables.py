@@ -4,7 +4,7 @@ A :class:`Table` is rendered for the terminal (:mod:`sopkit.report.terminal`), M
 (:mod:`sopkit.report.markdown`) and HTML (:mod:`sopkit.report.html`), so the three can never
 disagree. ``sopkit bench`` builds its tables from the same :class:`Table` and :class:`Cell`. The
 builders here are the comparison's: the per-group table, the learning-rate sweep, paper Table 1's
-layout, the paired differences, the diverged trials and what was run.
+layout, the paired differences, the diverged and the failed trials and what was run.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from sopkit.report.format import (
     optimizer_name,
     seed_list,
 )
+from sopkit.task_metrics import metric_label
 
 if TYPE_CHECKING:
     from sopkit.experiment.results import Group, StrategyResult
@@ -79,9 +80,9 @@ def teacher_wall_time(result: StrategyResult) -> float | None:
 
 
 def group_seeds(group: Group) -> list[int]:
-    """Every seed any strategy of the group ran, diverged trials included."""
+    """Every seed any strategy of the group ran, diverged and failed trials included."""
     seeds = {s for r in group.strategies for s in r.seeds}
-    seeds |= {d["seed"] for r in group.strategies for d in r.diverged}
+    seeds |= {d["seed"] for r in group.strategies for d in (*r.diverged, *r.failed)}
     return sorted(seeds)
 
 
@@ -93,6 +94,20 @@ def diverged_text(diverged: Mapping[str, Any]) -> str:
     )
 
 
+def failed_text(failed: Mapping[str, Any]) -> str:
+    """One failed trial in words: with which rate and seed, and its error's first line."""
+    return (
+        f"failed (lr={format_lr(failed.get('lr'))}, seed={failed.get('seed')}): "
+        f"{failed.get('error') or 'no error recorded'}"
+    )
+
+
+FAILED_NOTE = (
+    "A failed trial raised an error: it has no numbers, and the numbers shown come from the trials "
+    "that finished. Run the same command again to retry it; its traceback is in trials.jsonl."
+)
+
+
 def _strategy_cell(name: str) -> Cell:
     return Cell(name, "strong", swatch=strategy_colour(name))
 
@@ -101,6 +116,10 @@ def _accuracy_cell(result: StrategyResult | None) -> Cell:
     if result is None:
         return Cell("—", "muted", "not run")
     if result.chosen_lr is None:
+        if result.failed and not result.diverged:
+            return Cell("failed", "diverged", "every trial failed: " + result.failed[0]["error"])
+        if result.failed:
+            return Cell("no result", "diverged", "every learning rate diverged or failed")
         return Cell("diverged", "diverged", "every learning rate diverged")
     text = format_accuracy(result.test_accuracy_mean, result.test_accuracy_std, len(result.seeds))
     hint = "test accuracy over seeds " + ", ".join(
@@ -128,12 +147,16 @@ def _delta_cell(group: Group, result: StrategyResult) -> Cell:
 
 
 def _trials_cell(result: StrategyResult) -> Cell:
-    if not result.diverged:
+    if not result.diverged and not result.failed:
         return Cell(str(result.trials))
+    counts = [f"{len(result.diverged)} diverged"] if result.diverged else []
+    counts += [f"{len(result.failed)} failed"] if result.failed else []
     return Cell(
-        f"{result.trials} ({len(result.diverged)} diverged)",
+        f"{result.trials} ({', '.join(counts)})",
         "diverged",
-        "; ".join(diverged_text(d) for d in result.diverged),
+        "; ".join(
+            [diverged_text(d) for d in result.diverged] + [failed_text(f) for f in result.failed]
+        ),
     )
 
 
@@ -180,7 +203,7 @@ def group_table(group: Group) -> Table:
     """Every strategy of one group with its accuracy, cost and the difference against baseline."""
     columns = [
         ("strategy", "left"),
-        ("test acc. (%)", "right"),
+        (f"test {metric_label(group.dataset)} (%)", "right"),  # the data set's metric
         ("chosen lr", "right"),
         ("Δ vs baseline (pp) [95% CI]", "right"),
         ("step / baseline", "right"),
@@ -224,10 +247,18 @@ def lr_sweep_table(group: Group) -> Table:
     for result in group.strategies:
         row = [_strategy_cell(result.strategy)]
         for lr in group.lr_grid:
+            failed = sum(f.get("lr") == lr for f in result.failed)
             if lr not in result.lr_scores:
-                row.append(Cell("—", "muted", "not run at this rate"))
+                if failed:
+                    row.append(Cell("failed", "diverged", f"{failed} trials failed, none finished"))
+                else:
+                    row.append(Cell("—", "muted", "not run at this rate"))
                 continue
             score = result.lr_scores[lr]
+            if failed and score is not None:
+                hint = f"mean of the seeds that finished: {failed} failed"
+                row.append(Cell(f"{score * 100:.2f} ({failed} failed)", "warn", hint))
+                continue
             if score is None:
                 row.append(Cell("diverged", "diverged", "a seed diverged: never chosen"))
             elif lr == result.chosen_lr:
@@ -284,7 +315,8 @@ def paper_tables(groups: Sequence[Group]) -> list[Table]:
         columns = [("model", "left"), ("architecture", "left"), ("strategy", "left")]
         for optimizer in optimizers:
             name = optimizer_name(optimizer)
-            columns += [(f"{name} test acc. (%)", "right"), (f"{name} lr", "right")]
+            metric = metric_label(members[0].dataset)  # e.g. Matthews corr. for glue:cola
+            columns += [(f"{name} test {metric} (%)", "right"), (f"{name} lr", "right")]
         columns += [
             ("step / baseline", "right"),
             ("train params", "right"),
@@ -410,6 +442,30 @@ def diverged_table(groups: Sequence[Group]) -> Table:
         for d in sorted(result.diverged, key=lambda d: (d.get("lr") or 0.0, d.get("seed") or 0))
     ]
     return Table("Diverged trials", columns, rows)
+
+
+def failed_table(groups: Sequence[Group]) -> Table:
+    """Every failed trial: where, with which rate and seed, and its error's first line."""
+    columns = [
+        ("group", "left"),
+        ("strategy", "left"),
+        ("lr", "right"),
+        ("seed", "right"),
+        ("error", "left"),
+    ]
+    rows = [
+        [
+            Cell(group.title),
+            _strategy_cell(result.strategy),
+            Cell(format_lr(f.get("lr"))),
+            Cell(str(f.get("seed"))),
+            Cell(str(f.get("error") or "no error recorded"), "diverged"),
+        ]
+        for group in groups
+        for result in group.strategies
+        for f in result.failed
+    ]
+    return Table("Failed trials", columns, rows, [FAILED_NOTE] if rows else [], wraps=("error",))
 
 
 def setup_table(groups: Sequence[Group]) -> Table:

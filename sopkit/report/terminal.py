@@ -13,6 +13,7 @@ from sopkit.report.tables import (
     Table,
     coverage_warnings,
     diverged_text,
+    failed_text,
     group_table,
 )
 
@@ -81,8 +82,24 @@ def _diverged_lines(result: StrategyResult, limit: int = 4) -> list[str]:
     return lines
 
 
+def _failed_lines(result: StrategyResult, limit: int = 4) -> list[str]:
+    """Each failed trial on a line with its error, or past ``limit`` one line per error (a broken
+    plugin fails every trial of its strategy the same way; report.md lists them all)."""
+    if len(result.failed) <= limit:
+        return [failed_text(f) for f in result.failed]
+    by_error: dict[str, list[Mapping[str, Any]]] = {}
+    for f in result.failed:
+        by_error.setdefault(str(f.get("error") or "no error recorded"), []).append(f)
+    return [
+        f"{len(trials)} trials failed (seeds {seed_list(f.get('seed') or 0 for f in trials)}): "
+        f"{error}"
+        for error, trials in by_error.items()
+    ]
+
+
 def print_report(console: Console, groups: Sequence[Group], meta: ReportMeta) -> None:
-    """The comparison in the terminal: one table per group, every diverged trial, and warnings."""
+    """The comparison in the terminal: one table per group, every diverged and failed trial, and
+    warnings."""
     from rich.markup import escape
 
     if not meta.complete:
@@ -93,11 +110,16 @@ def print_report(console: Console, groups: Sequence[Group], meta: ReportMeta) ->
         for note in table.notes:
             console.print(f"[dim]{escape(note)}[/]")
         for result in group.strategies:
-            for line in _diverged_lines(result):
+            for line in _diverged_lines(result) + _failed_lines(result):
                 console.print(f"  [red]{escape(result.strategy)}: {escape(line)}[/]")
     if any(r.paired is not None and r.paired.significant for g in groups for r in g.strategies):
         console.print("[dim]* the 95% interval of the paired difference excludes 0.[/]")
     for warning in coverage_warnings(groups):
         console.print(f"[yellow]Missing trials: {escape(warning)}[/]")
+    if any(r.failed for g in groups for r in g.strategies):
+        console.print(
+            "[dim]Failed trials have no numbers; run the same command again to retry them "
+            "(tracebacks: trials.jsonl).[/]"
+        )
     if meta.grid_note:
         console.print(f"[dim]{escape(meta.grid_note)}[/]")

@@ -71,9 +71,9 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sopkit.data.metrics import task_loss
 from sopkit.errors import UserError
 from sopkit.mk import (
     MajorityKernels,
@@ -84,6 +84,7 @@ from sopkit.mk import (
     pooled_buffer,
 )
 from sopkit.strategies.majority import MajorityKernelsStrategy
+from sopkit.training.distributed import combine_gradient, unwrap
 from sopkit.training.settings import StrategySettings
 from sopkit.training.types import RunContext
 
@@ -188,19 +189,24 @@ def virtual_gradient(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     label_smoothing: float = 0.0,
+    loss_kind: str = "cross-entropy",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dL/dw`` of the virtual weights at the uniform mixing (flat, length N), and that loss.
 
     One forward with the mean weights and one ``autograd.grad`` with respect to them: no graph over
     ``p``, no ``(e, N)`` gradient, and nothing accumulated in any ``.grad``. Then
     ``dL/dp_k = copies_k * dL/dw`` element-wise. ``L`` is the training loss, label-smoothed as
-    the run's is, so the mixing ascends the loss the step descends.
+    the run's is (``loss_kind``: the data set's, e.g. ``"mse"`` for STS-B), so the mixing ascends
+    the loss the step descends. Under data-parallel training
+    (``model`` a DDP wrapper) the forward runs on the wrapped model (DDP expects one backward per
+    forward of its own) and ``dL/dw`` is combined over the ranks into the whole batch's.
     """
     weights = holder.mean_weights(pooled=True).detach().requires_grad_()
     with fixed_weights(model, weights):
-        loss = F.cross_entropy(model(inputs), targets, label_smoothing=label_smoothing)
+        outputs = unwrap(model)(inputs)
+        loss = task_loss(outputs, targets, loss_kind, label_smoothing=label_smoothing)
     (grad_w,) = torch.autograd.grad(loss, weights)
-    return grad_w, loss.detach()
+    return combine_gradient(model, grad_w), loss.detach()
 
 
 def mixing_gradient(
@@ -209,9 +215,10 @@ def mixing_gradient(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     label_smoothing: float = 0.0,
+    loss_kind: str = "cross-entropy",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dL/dp`` at the uniform mixing, shaped like the copies ``(e, N)``, and that loss."""
-    grad_w, loss = virtual_gradient(model, holder, inputs, targets, label_smoothing)
+    grad_w, loss = virtual_gradient(model, holder, inputs, targets, label_smoothing, loss_kind)
     return holder.copies.detach() * grad_w, loss
 
 
@@ -402,7 +409,7 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         if holder is None:  # prepare() expands; a model that is not expanded is a wiring bug
             raise RuntimeError(f"{self.name}: the model is not expanded; was prepare() skipped?")
         smoothing = run.config.label_smoothing
-        grad_w, _ = virtual_gradient(model, holder, inputs, targets, smoothing)
+        grad_w, _ = virtual_gradient(model, holder, inputs, targets, smoothing, run.data.loss)
         # The random draw is the next of the model's mixing stream, the one plain MK's training
         # forward would take, so with eps = 0 this strategy takes exactly MK's steps.
         draw = holder.draw() if self.random_mixing else None
@@ -414,7 +421,7 @@ class AdversarialMajorityKernels(MajorityKernelsStrategy):
         state.u_sum = mean if getattr(state, "u_sum", None) is None else state.u_sum + mean
         state.u_steps = getattr(state, "u_steps", 0) + 1
         with fixed_weights(model, weights):
-            return F.cross_entropy(model(inputs), targets, label_smoothing=smoothing)
+            return task_loss(model(inputs), targets, run.data.loss, label_smoothing=smoothing)
 
     def mixing(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sopkit.checks import check_float
+from sopkit.checks import MAX_EPOCHS, check_float
 from sopkit.errors import UserError
 from sopkit.training.config import TrainConfig
 from sopkit.training.settings import StrategySettings
@@ -49,5 +49,10 @@ class BaselineLong(Baseline):
         )
 
     def schedule(self, config: TrainConfig) -> TrainConfig:
+        if self.own_epochs is None and config.epochs * self.long_factor > MAX_EPOCHS:
+            raise UserError(
+                f"Option {self.name}.long_factor={self.long_factor:g} times --epochs "
+                f"{config.epochs} is more than {MAX_EPOCHS} epochs, the most one training takes."
+            )
         epochs = self.own_epochs or max(1, round(config.epochs * self.long_factor))
         return self._own_schedule(config, epochs)

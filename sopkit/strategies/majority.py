@@ -24,10 +24,18 @@ from sopkit.training.types import RunContext
 MK_SEED_TAG = "sopkit.strategies.mk"
 
 
+def pretrained(model: nn.Module) -> bool:
+    """Whether ``model`` comes pretrained (it says so with ``sopkit_pretrained = True``, as
+    ``sopkit.models.hf`` models do); MK then starts every copy at the pretrained weight."""
+    return bool(getattr(model, "sopkit_pretrained", False))
+
+
 class MajorityKernelsStrategy(Strategy):
     """Every weight is a Dirichlet-weighted average of ``e`` copies while training, their mean after.
 
-    Options: ``init`` (variance-preserving (default), independent, replicate) and ``sampler`` (how
+    Options: ``init`` (variance-preserving (default), independent, replicate; replicate by default
+    for a pretrained model, one that sets ``sopkit_pretrained = True``, so the expanded model starts
+    as the checkpoint: the paper's upcycling) and ``sampler`` (how
     ``p`` is drawn, see ``sopkit.mk.SAMPLERS``; ``auto`` by default). Samplers draw the same
     distribution from different bits, so a result records the one it used (``extra["mk_sampler"]``).
     """
@@ -36,7 +44,8 @@ class MajorityKernelsStrategy(Strategy):
 
     def __init__(self, settings: StrategySettings | None = None) -> None:
         super().__init__(settings)
-        self.init = self.settings.get("init", DEFAULT_INIT, choices=INIT_MODES)
+        # None: chosen per model in prepare (replicate for a pretrained one).
+        self.init: str | None = self.settings.get("init", None, str, choices=INIT_MODES)
         self.sampler = self.settings.get("sampler", "auto", choices=SAMPLERS)
 
     def prepare(self, model: nn.Module, run: RunContext) -> nn.Module:
@@ -44,7 +53,8 @@ class MajorityKernelsStrategy(Strategy):
         # number the loop seeds torch with): what else consumes torch's generator cannot change
         # them, and every data-parallel rank of a trial draws the same p.
         seed = derive_seed(run.seed, MK_SEED_TAG)
-        expanded = expand(model, self.expansion, init=self.init, seed=seed, inplace=True)
+        init = self.init or ("replicate" if pretrained(model) else DEFAULT_INIT)
+        expanded = expand(model, self.expansion, init=init, seed=seed, inplace=True)
         holder = find_majority(expanded)
         assert holder is not None
         holder.sampler = self.sampler

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from sopkit.checks import check_choice, check_float, check_int
+from sopkit.checks import MAX_EPOCHS, check_choice, check_float, check_int
 from sopkit.errors import UserError
 
 __all__ = [
@@ -79,11 +79,16 @@ class TrainConfig:
         "random-resized crop+flip for imagenet; nothing for mnist1d and digits).",
         shown_default="standard for image sets, none for mnist1d and digits"))
     bf16: bool = field(default=False, metadata=_help("bf16 autocast (CUDA only)."))
+    # Compiled and eager steps may differ in the last bits, so a compiled trial is another trial
+    # (a key includes this field only when it is set).
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile every strategy's model after the strategy prepares it (majority kernels "
+        "draw and mix outside the graph); the first steps compile, tens of seconds on a CPU."))
     warmup_steps: int = 5  # steps excluded from step timing (allocator, caches, lazy init)
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        check_int("--epochs", self.epochs)
+        check_int("--epochs", self.epochs, maximum=MAX_EPOCHS)
         check_int("--batch-size", self.batch_size)
         check_int("--eval-batch-size", self.eval_batch_size)
         check_int("warm-up steps", self.warmup_steps, minimum=0)

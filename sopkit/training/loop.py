@@ -23,10 +23,15 @@ import torch
 from torch import nn
 
 from sopkit.data.augment import BatchAugment
+from sopkit.data.metrics import collect_outputs, metric_details, score
 from sopkit.data.splits import DataSplits, Split
 from sopkit.errors import UserError
 from sopkit.mk import count_parameters
+from sopkit.training import distributed
+from sopkit.training.checkpoint import Checkpoints, open_checkpoint
+from sopkit.training.compiling import compile_prepared, fresh_compilation
 from sopkit.training.device import autocast, seed_everything
+from sopkit.training.hooks_guard import call_hook, step_failed, strategy_label
 from sopkit.training.optim import make_optimizer, make_schedule
 from sopkit.training.progress import NullProgress, Progress
 from sopkit.training.strategy import Strategy
@@ -38,15 +43,27 @@ __all__ = ["TrainingSession", "TrainingState", "evaluate"]
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, *, batch_size: int = 1024, bf16: bool = False
+    model: nn.Module,
+    split: Split,
+    *,
+    batch_size: int = 1024,
+    bf16: bool = False,
+    metric: str = "accuracy",
 ) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode) on ``split``."""
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``split``, or the data set's ``metric``
+    (:mod:`sopkit.data.metrics`, e.g. Matthews correlation for CoLA)."""
+    if metric != "accuracy":
+        outputs, targets = collect_outputs(
+            model, split, batch_size=batch_size, autocast=lambda device: autocast(device, bf16)
+        )
+        return score(metric, outputs, targets)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long)
     total = 0
     device: torch.device | None = None
-    for inputs, targets in split.batches(batch_size, shuffle=False):
+    # Several data-parallel processes: each evaluates its part, and the counts are summed.
+    for inputs, targets in distributed.evaluation_batches(split, batch_size):
         if device is None:
             device = inputs.device
             correct = correct.to(device)
@@ -55,7 +72,8 @@ def evaluate(
         correct += (logits.argmax(dim=1) == targets).sum()
         total += targets.numel()
     model.train(was_training)
-    return correct.item() / max(total, 1)
+    hits, total = distributed.summed_counts(correct, total)
+    return hits / max(total, 1)
 
 
 def _steps_per_epoch(split: Split, batch_size: int) -> int:
@@ -83,10 +101,13 @@ class TrainingState:
 
     @classmethod
     def start(cls, strategy: Strategy, model: nn.Module, run: RunContext) -> TrainingState:
-        """Prepare ``model`` (already on ``run.device``) for ``strategy`` and build its optimizer."""
+        """Prepare ``model`` (already on ``run.device``) for ``strategy`` and build its optimizer;
+        the prepared model is wrapped in DDP when several processes train it (``distributed``)."""
         config, device = run.config, run.device
-        model = strategy.prepare(model, run)
+        model = call_hook(strategy, "prepare", model, run)  # a plugin's failure names it
         optimizer = make_optimizer(model, config)
+        model = distributed.wrap(model, device, strategy)
+        model = compile_prepared(model, config, device)  # --compile: in place, after DDP
         run.optimizer = optimizer
         schedule = make_schedule(optimizer, config, run.total_steps)
         return cls(
@@ -100,26 +121,39 @@ class TrainingState:
             first_bad_step=torch.full((), -1, dtype=torch.long, device=device),
         )
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def step(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        share: distributed.BatchShare = distributed.WHOLE_BATCH,
+    ) -> None:
         """One training step on one batch: the strategy's hooks, backward, optimizer and schedule,
-        in the order the ``Strategy`` docstring documents."""
+        in the order the ``Strategy`` docstring documents. ``share``: this process's part of the
+        whole batch when several train it (``distributed``)."""
         strategy, model, run, optimizer = self.strategy, self.model, self.run, self.optimizer
-        self.timer.start()
-        strategy.before_step(model, run)
-        with autocast(run.device, run.config.bf16):
-            loss = strategy.loss(model, inputs, targets, run)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        strategy.after_backward(model, run)
-        optimizer.step()
-        strategy.after_step(model, run)
-        self.schedule.step()
-        self.timer.stop()
-        loss = loss.detach().float()
-        self.loss_sum += loss
-        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad, run.step, self.first_bad_step)
-        run.step += 1
+        # One try around the whole step (free while nothing raises): a plugin's failing hook, or
+        # the wrong loss, is named afterwards from the traceback (hooks_guard.step_failed).
+        try:
+            self.timer.start()
+            share.enter(model)
+            strategy.before_step(model, run)
+            with autocast(run.device, run.config.bf16):
+                loss = strategy.loss(model, inputs, targets, run)
+            optimizer.zero_grad(set_to_none=True)
+            share.scaled(loss).backward()
+            strategy.after_backward(model, run)
+            optimizer.step()
+            strategy.after_step(model, run)
+            self.schedule.step()
+            self.timer.stop()
+            loss = loss.detach().float()
+            self.loss_sum += share.part(loss)
+            bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+            self.first_bad_step = torch.where(bad, run.step, self.first_bad_step)
+            run.step += 1
+        except Exception as error:
+            step_failed(strategy, error)  # raises a PluginError naming the plugin and the hook
+            raise
 
 
 @contextlib.contextmanager
@@ -147,7 +181,9 @@ class TrainingSession:
 
     ``train`` is the only way a strategy gets trained. A training already done in this session for the
     same strategy identity, seed and configuration is returned instead of repeated, so an ensemble and
-    a distilled student built from the same members train those members once.
+    a distilled student built from the same members train those members once. With ``checkpoints``,
+    every training checkpoints itself there and resumes from its checkpoint after a kill
+    (:mod:`sopkit.training.checkpoint`).
     """
 
     def __init__(
@@ -160,6 +196,7 @@ class TrainingSession:
         seed: int = 0,
         progress: Progress | None = None,
         label: str = "",
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self.data = data
         self.build_model = build_model
@@ -169,6 +206,7 @@ class TrainingSession:
         self.progress: Progress = progress or NullProgress()
         self.label = label  # describes the session's cell in progress output, e.g. "mlp-a2 adam"
         self._finished: dict[tuple[object, ...], TrainResult] = {}
+        self.checkpoints = checkpoints  # None: trainings are not checkpointed
 
     def train(
         self,
@@ -182,12 +220,12 @@ class TrainingSession:
         after the trainings its ``requires`` names (trained with the same base ``config``)."""
         seed = self.seed if seed is None else seed
         base = config or self.config
-        config = strategy.schedule(base)
+        config = call_hook(strategy, "schedule", base)
         key = (strategy.identity(), seed, config)
         if key not in self._finished:
             required = {
                 name: self.train(needed.strategy, seed=needed.seed, config=base, label=needed.label)
-                for name, needed in strategy.requires(seed).items()
+                for name, needed in call_hook(strategy, "requires", seed).items()
             }
             self._finished[key] = self._run(
                 strategy,
@@ -205,6 +243,17 @@ class TrainingSession:
             getattr(self.data, split),
             batch_size=self.config.eval_batch_size,
             bf16=self.config.bf16,
+            metric=self.data.metric,
+        )
+
+    def metric_details(self, model: nn.Module) -> dict[str, float]:
+        """The numbers a metric is the mean of (MRPC: F1 and accuracy), on val and test, as
+        ``{"test_f1": ..., ...}``; nothing for a data set scored by accuracy."""
+        return metric_details(
+            model,
+            self.data,
+            batch_size=self.config.eval_batch_size,
+            autocast=lambda device: autocast(device, self.config.bf16),
         )
 
     def _run(
@@ -232,45 +281,60 @@ class TrainingSession:
         if config.bf16 and device.type != "cuda":
             raise UserError("--bf16 autocast is only supported on CUDA devices.")
         seed_everything(seed)
+        fresh_compilation(config)  # --compile: what a trial compiles never depends on earlier ones
         model = self.build_model().to(device)
         # The training examples, and the recipe the loop applies to each of their batches (only
         # training batches are augmented: evaluation reads data.val and data.test as they are).
         train_split, recipe = data.training_split(config.augment)
-        augment = _augmenter(recipe, seed, device)
+        distributed.check_batch_size(config.batch_size)
+        augment_generator = _augment_generator(seed, device, distributed.augment_tag(train_split))
+        augment = _augmenter(recipe, augment_generator)
         steps_per_epoch = _steps_per_epoch(train_split, config.batch_size)
         generator = torch.Generator(device=device).manual_seed(seed)
         shuffle_generator = _shuffle_generator(train_split, seed)
-        run = RunContext(seed, config, device, data, generator, steps_per_epoch, required=required)
+        run = RunContext(
+            seed, config, device, data, generator, steps_per_epoch, required=required,
+            build_model=self.build_model,
+        )
         training = TrainingState.start(strategy, model, run)
         model = training.model
         train_params = count_parameters(model)
-        curve: list[EpochRecord] = []
+        # A killed training resumes from its checkpoint, with every random stream where it was.
+        generators = {"run": generator, "shuffle": shuffle_generator, "augment": augment_generator}
+        checkpoint = open_checkpoint(
+            self.checkpoints, strategy, seed, config, device, label=label, progress=self.progress
+        )
+        resumed = checkpoint.restore(training, generators)
+        curve: list[EpochRecord] = resumed.curve
         diverged_at: int | None = None
-        started = time.perf_counter()
-        self.progress.run_started(label, run.total_steps)
+        started = time.perf_counter() - resumed.elapsed
+        self.progress.run_started(label, run.total_steps - run.step)  # the steps left to take
 
-        for epoch in range(config.epochs):
+        for epoch in range(resumed.epochs, config.epochs):
             run.epoch = epoch
             model.train()
             training.loss_sum = torch.zeros((), device=device)
-            for inputs, targets in train_split.batches(
-                config.batch_size, shuffle=True, generator=shuffle_generator
+            for inputs, targets, share in distributed.training_batches(
+                train_split, config.batch_size, shuffle_generator, augment
             ):
-                if augment is not None:
-                    inputs = augment(inputs)
-                training.step(inputs, targets)
+                training.step(inputs, targets, share)
                 self.progress.advance(label)
+            training.loss_sum, training.first_bad_step = distributed.finish_epoch(
+                model, training.loss_sum, training.first_bad_step
+            )
             bad_step = int(training.first_bad_step.item())
-            evaluated = strategy.evaluation_model(model, run)
+            evaluated = distributed.unwrap(call_hook(strategy, "evaluation_model", model, run))
             record = EpochRecord(
                 epoch=epoch + 1,
                 step=run.step,
                 train_loss=training.loss_sum.item() / steps_per_epoch,
                 val_accuracy=evaluate(
-                    evaluated, data.val, batch_size=config.eval_batch_size, bf16=config.bf16
+                    evaluated, data.val, batch_size=config.eval_batch_size, bf16=config.bf16,
+                    metric=data.metric,
                 ),
                 test_accuracy=evaluate(
-                    evaluated, data.test, batch_size=config.eval_batch_size, bf16=config.bf16
+                    evaluated, data.test, batch_size=config.eval_batch_size, bf16=config.bf16,
+                    metric=data.metric,
                 ),
                 seconds=time.perf_counter() - started,
             )
@@ -280,8 +344,9 @@ class TrainingSession:
                 diverged_at = bad_step
                 self.progress.message(f"{label}: loss is not finite at step {bad_step}; stopped.")
                 break
+            checkpoint.epoch_finished(training, generators, curve, time.perf_counter() - started)
 
-        deployable = strategy.deployable(model, run)
+        deployable = distributed.unwrap(call_hook(strategy, "deployable", model, run))
         test_accuracy = self.evaluate(deployable, "test")
         val_accuracy = self.evaluate(deployable, "val")
         result = TrainResult(
@@ -296,22 +361,27 @@ class TrainingSession:
             wall_time=time.perf_counter() - started,
             curve=curve,
             diverged_at_step=diverged_at,
-            extra=_reported(strategy, model, run),
+            extra={**_reported(strategy, model, run), **self.metric_details(deployable)},
             model=deployable,
         )
         self.progress.run_finished(label, result)
         return result
 
 
+def _augment_generator(seed: int, device: torch.device, tag: str = "") -> torch.Generator:
+    """The augmentation's generator on the training device, seeded from the run's seed apart from
+    the shuffle generator, so turning augmentation on keeps the batch order (``tag``: a
+    data-parallel rank's, see ``distributed.augment_tag``)."""
+    digest = hashlib.sha256(f"sopkit augment {seed}{tag}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
 def _augmenter(
-    recipe: BatchAugment | None, seed: int, device: torch.device
+    recipe: BatchAugment | None, generator: torch.Generator
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``recipe`` drawing from a generator of its own on the training device, seeded from the run's
-    seed apart from the shuffle generator, so turning augmentation on keeps the batch order."""
+    """``recipe`` drawing from ``generator`` (see ``_augment_generator``)."""
     if recipe is None:
         return None
-    digest = hashlib.sha256(f"sopkit augment {seed}".encode()).digest()
-    generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
     return lambda inputs: recipe(inputs, generator)
 
 
@@ -345,7 +415,7 @@ def _reportable(value: Any, where: str) -> Any:
 def _reported(strategy: Strategy, model: nn.Module, run: RunContext) -> dict[str, Any]:
     """What ``strategy.report`` says about the run, checked: a plugin's mistake there is named
     (strategy, class and hook) instead of ending in a traceback after the training."""
-    who = f"Strategy {strategy.name!r} ({type(strategy).__module__}.{type(strategy).__qualname__})"
+    who = strategy_label(strategy)  # its name, class and distribution
     try:
         reported = strategy.report(model, run)
     except UserError:

@@ -4,11 +4,12 @@ strategy reads and checks them. No torch here: options are checked before anythi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sopkit.checks import DEFAULT_EXPANSION, check_expansion
+from sopkit.checks import DEFAULT_EXPANSION, MAX_INT, check_expansion
 from sopkit.errors import UserError
 
 __all__ = ["StrategySettings"]
@@ -63,10 +64,24 @@ class StrategySettings:
             value = parser(raw)
         except (TypeError, ValueError) as error:
             raise UserError(f"Option {scoped}={raw!r} is not valid: {error}.") from None
+        _check_number(scoped, raw, value)
         if choices is not None and value not in choices:
             valid = ", ".join(map(str, choices))
             raise UserError(f"Option {scoped}={raw!r} is not valid. Valid values: {valid}.")
         return value  # type: ignore[no-any-return]
+
+
+def _check_number(scoped: str, raw: str, value: object) -> None:
+    """A UserError for a number no strategy can use: nan or an infinity where a float is read
+    (``float("1e309")`` is inf), an integer beyond 64 bits (seeds, counts and sizes reach numpy,
+    torch and SQLite, which hold 64 bits)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"Option {scoped}={raw!r} is not valid: it must be a finite number.")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise UserError(
+            f"Option {scoped}={raw!r} is not valid: it must be an integer of at most 64 bits "
+            f"(at most {MAX_INT} in size)."
+        )
 
 
 def _parser_for(default: object) -> Callable[[str], Any]:

@@ -71,7 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sopkit.checks import check_int
+from sopkit.checks import MAX_EPOCHS, check_int
+from sopkit.data.metrics import task_loss
 from sopkit.errors import UserError
 from sopkit.training.config import check_milestones, parse_milestones, reschedule
 from sopkit.training.settings import StrategySettings
@@ -117,6 +118,10 @@ class Strategy:
     description: ClassVar[str] = ""
     #: Whether the strategy takes the options ``epochs`` and ``milestones`` (its own schedule).
     schedule_options: ClassVar[bool] = True
+    #: Whether the loop may train it with DistributedDataParallel under torchrun (hooks then get
+    #: the DDP wrapper). False for a strategy that swaps parameters during a step: DDP reduces
+    #: the gradients of the parameters it was built with only.
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, settings: StrategySettings | None = None) -> None:
         self.settings = settings or StrategySettings()
@@ -128,7 +133,7 @@ class Strategy:
         if self.schedule_options:
             self.own_epochs = self.settings.get("epochs", None, int)
             if self.own_epochs is not None:
-                check_int(f"Option {self.name}.epochs", self.own_epochs)
+                check_int(f"Option {self.name}.epochs", self.own_epochs, maximum=MAX_EPOCHS)
             self.own_milestones = self.settings.get("milestones", None, parse_milestones)
             if self.own_epochs is not None and self.own_milestones is not None:
                 self._check_milestones(self.own_epochs)
@@ -206,7 +211,10 @@ class Strategy:
     def loss(
         self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, run: RunContext
     ) -> torch.Tensor:
-        """The scalar training loss of one batch: cross-entropy, label-smoothed as configured."""
+        """The scalar training loss of one batch: the data set's loss (cross-entropy, label-smoothed
+        as configured; the mean squared error for a regression such as STS-B)."""
+        if run.data.loss != "cross-entropy":
+            return task_loss(model(inputs), targets, run.data.loss)
         return F.cross_entropy(model(inputs), targets, label_smoothing=run.config.label_smoothing)
 
     def after_backward(self, model: nn.Module, run: RunContext) -> None:

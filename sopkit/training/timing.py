@@ -43,6 +43,16 @@ class StepTimer:
         else:
             self._times.append(time.perf_counter() - self._start)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the timer: the steps counted and the timed durations."""
+        return {"count": self.count, "times": self.seconds()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue counting and timing from ``state`` (as ``state_dict`` returned it)."""
+        self.count = int(state["count"])
+        self._times = [float(seconds) for seconds in state["times"]]
+        self._events.clear()
+
     def seconds(self) -> list[float]:
         """The timed steps' durations in seconds (on CUDA this waits for the device once)."""
         if self.cuda and self._events:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
@@ -103,6 +103,9 @@ class RunContext:
     optimizer: torch.optim.Optimizer | None = None
     required: Mapping[str, TrainResult] = field(default_factory=dict)
     state: SimpleNamespace = field(default_factory=SimpleNamespace)
+    #: Builds the plain model as the comparison does (the loop seeds torch first): a strategy that
+    #: must start from another seed's initial weights (a model soup's members) builds them with it.
+    build_model: Callable[[], nn.Module] | None = None
 
     @property
     def total_steps(self) -> int:

@@ -11,4 +11,6 @@ it):
 * ``subset`` (:mod:`sopkit_baselines.subset`, :mod:`sopkit_baselines.subnetwork`,
   :mod:`sopkit_baselines.submodular`):
   SUBSET-BASELINE, Appendix D's per-step submodular neuron selection, for MLPs.
+* ``soup`` and ``soup-greedy`` (:mod:`sopkit_baselines.soup`): MODEL SOUPS (Appendix C, Table 5),
+  ``e`` fine-tunings from one start with their weights averaged, uniformly or greedily.
 """

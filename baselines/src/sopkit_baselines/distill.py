@@ -70,6 +70,9 @@ def kd_loss(
     return alpha * temperature**2 * soft + (1 - alpha) * hard
 
 
+#: The largest distillation temperature: softmax(logits / T) is uniform long before it.
+MAX_TEMPERATURE = 1e6
+
 class Distillation(Strategy):
     """DISTILLED-BASELINE: the baseline architecture trained with a KD loss from the ensemble."""
 
@@ -80,9 +83,11 @@ class Distillation(Strategy):
         self.temperature = self.settings.get("temperature", 4.0)
         self.alpha = self.settings.get("alpha", 0.9)
         self.member_kind = self.settings.get("member", "baseline", choices=tuple(MEMBER_KINDS))
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        # The soft term is scaled by temperature**2 (Hinton et al.), which must stay a float.
+        if not (math.isfinite(self.temperature) and 0 < self.temperature <= MAX_TEMPERATURE):
             raise UserError(
-                f"Option {self.name}.temperature must be a positive number, got {self.temperature}."
+                f"Option {self.name}.temperature must be a positive number of at most "
+                f"{MAX_TEMPERATURE:g}, got {self.temperature}."
             )
         if not 0 <= self.alpha <= 1:
             raise UserError(f"Option {self.name}.alpha must be in [0, 1], got {self.alpha}.")
@@ -102,6 +107,11 @@ class Distillation(Strategy):
             raise RuntimeError(
                 "distill needs its teacher's members in run.required; train it through "
                 "TrainingSession.train, which trains what requires() names first"
+            )
+        if run.data.loss != "cross-entropy":  # KD matches class probabilities: none here
+            raise UserError(
+                f"distill distils class probabilities; {run.data.name} is scored as a regression "
+                f"(loss {run.data.loss!r}). Compare it with baseline, mk, ensemble or soups."
             )
         # The loop keeps the members in eval mode for the run; the wrapper follows them.
         run.state.teacher = EnsembleModel(members).eval()

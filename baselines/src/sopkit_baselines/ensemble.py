@@ -17,14 +17,9 @@ over the members (``e`` times the baseline's); the step times are all members' s
 from __future__ import annotations
 
 import hashlib
-import math
 import statistics
-from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
+from sopkit.deploy.artifacts import AveragedEnsemble
 from sopkit.mk import count_parameters
 from sopkit.strategies.baseline import Baseline, BaselineLong
 from sopkit.training.settings import StrategySettings
@@ -73,23 +68,9 @@ def member_requirements(settings: StrategySettings, kind: str, seed: int) -> dic
     return members
 
 
-class EnsembleModel(nn.Module):
-    """The members' predictions averaged in probability space.
-
-    ``forward`` returns ``log(mean_k softmax(member_k(x)))``: logits whose softmax is the averaged
-    probability, so accuracy (argmax), cross-entropy and a distillation loss all read it as they
-    would read any classifier's logits.
-    """
-
-    def __init__(self, members: Sequence[nn.Module]) -> None:
-        super().__init__()
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.stack([F.log_softmax(member(x), dim=-1) for member in self.members])
-        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
+#: The members' predictions averaged (probabilities; outputs for a one-output regression). It is
+#: sopkit's own ``AveragedEnsemble``, so a saved ensemble loads back as exactly this model.
+EnsembleModel = AveragedEnsemble
 
 
 class Ensemble(Strategy):

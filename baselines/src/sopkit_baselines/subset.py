@@ -82,6 +82,7 @@ class SubsetSelection(Strategy):
     """SUBSET-BASELINE (paper Appendix D, Algorithm D.1) for MLPs."""
 
     description = "Submodular subset selection (App. D): e*m neurons per layer, m chosen per step."
+    data_parallel = False  # swaps the sub-network's parameters in every step; DDP cannot follow
 
     def __init__(self, settings: StrategySettings | None = None) -> None:
         super().__init__(settings)
