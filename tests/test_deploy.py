@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +190,19 @@ def test_a_damaged_model_is_a_message(copy_of, damage, message):
     damage(weights_path(copy_of, key), meta_path(copy_of, key))
     with pytest.raises(UserError, match=message):
         load_trained(copy_of, key)
+
+
+def test_a_sidecar_naming_code_is_refused_when_code_models_are(copy_of, monkeypatch):
+    """A model directory received from someone else: its sidecar could name any module. Under
+    SOPKIT_NO_CODE_MODELS=1 nothing named there is imported."""
+    key = _one_key(copy_of)
+    sidecar = meta_path(copy_of, key)
+    module = "sopkit_test_never_imported_module"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "model": f"{module}:build"}))
+    monkeypatch.setenv("SOPKIT_NO_CODE_MODELS", "1")
+    with pytest.raises(UserError, match="is code: 'package.module:factory' imports that module"):
+        load_trained(copy_of, key)
+    assert module not in sys.modules
 
 
 @pytest.mark.parametrize("key", ["../../etc/passwd", "0" * 23, "G" * 24, ""])

@@ -447,3 +447,12 @@ def test_bench_out_is_checked_before_measuring(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         _refused([*BENCH, "--out", str(locked)], "cannot be written")
+
+
+@pytest.mark.parametrize("inside", ["", "sub"])
+def test_compare_out_naming_a_file_is_refused_before_training(inside, tmp_path):
+    existing = tmp_path / "report.md"
+    existing.write_text("mine")
+    out = existing / inside if inside else existing
+    _refused([*COMPARE, "--out", str(out)], "is a file, not a directory")
+    assert existing.read_text() == "mine"

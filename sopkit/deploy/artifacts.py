@@ -78,6 +78,11 @@ def architecture(meta: Mapping[str, Any]) -> nn.Module:
     ``ensemble``), on the CPU. Building draws initial weights from a forked random state, so the
     caller's torch random stream is left as it was."""
     from sopkit.models import build_model
+    from sopkit.models.checks import refuse_code_models
+
+    # A sidecar naming package.module:factory would import and run that module: refused under
+    # SOPKIT_NO_CODE_MODELS=1, as a preset naming one is.
+    refuse_code_models([str(meta["model"])])
 
     def build() -> nn.Module:
         return build_model(

@@ -200,6 +200,11 @@ class TrialStore:
         directory = path.parent
         while not directory.exists() and directory != directory.parent:
             directory = directory.parent
+        if not directory.is_dir():  # --out names a file (or a path through one)
+            raise UserError(
+                f"{directory} is a file, not a directory: --out names the directory a comparison "
+                f"writes {path.name} and its reports into. Use another --out."
+            )
         if exists and not os.access(path, os.W_OK):
             raise UserError(
                 f"The results database {path} is read-only: a comparison adds its trials to it. "
