@@ -84,13 +84,16 @@ class Raising(Strategy):
     def fit(self, session):
         return _raise("fit") if self.where == "fit" else session.train(self)
 
+    def identity(self):
+        return _raise("identity") if self.where == "identity" else super().identity()
+
 
 def _raising(hook):
     return type(f"Raises_{hook}", (Raising,), {"where": hook, "description": f"raises in {hook}"})
 
 
 for _hook in ("schedule", "requires", "prepare", "before_step", "loss", "after_backward",
-              "after_step", "evaluation_model", "deployable", "fit"):
+              "after_step", "evaluation_model", "deployable", "fit", "identity"):
     globals()[f"Raises_{_hook}"] = _raising(_hook)
 
 
@@ -148,6 +151,11 @@ class ScheduleDict(Strategy):
         return {"epochs": 1}
 
 
+class IdentityList(Strategy):
+    def identity(self):
+        return ["not", "hashable"]
+
+
 class FitNone(Strategy):
     def fit(self, session):
         session.train(self)
@@ -186,7 +194,7 @@ NOT_A_CLASS = 3
 '''
 
 HOOKS = ("schedule", "requires", "prepare", "before_step", "loss", "after_backward", "after_step",
-         "evaluation_model", "deployable", "fit")
+         "evaluation_model", "deployable", "fit", "identity")
 WRONG_TYPES = {  # entry-point name: (class, hook, words the message has)
     "prepare-none": ("PrepareNone", "prepare", "NoneType"),
     "loss-string": ("LossString", "loss", "scalar tensor"),
@@ -198,6 +206,7 @@ WRONG_TYPES = {  # entry-point name: (class, hook, words the message has)
     "requires-list": ("RequiresList", "requires", "mapping"),
     "schedule-dict": ("ScheduleDict", "schedule", "TrainConfig"),
     "fit-none": ("FitNone", "fit", "TrainResult"),
+    "identity-list": ("IdentityList", "identity", "hashable"),
 }
 BROKEN_IMPORTS = {  # module name: its source; registered as the name with dashes
     "rt_import_error": "import sopkit_module_that_is_not_installed\n",

@@ -42,6 +42,7 @@ from torch import nn
 
 from sopkit.mk import find_majority
 from sopkit.training.config import TrainConfig
+from sopkit.training.hooks_guard import call_hook
 from sopkit.training.progress import NullProgress, Progress
 from sopkit.training.strategy import Strategy
 from sopkit.training.timing import StepTimer
@@ -139,7 +140,7 @@ def open_checkpoint(
     a ``NoCheckpoint`` when ``checkpoints`` is None."""
     if checkpoints is None:
         return NoCheckpoint()
-    key = repr((checkpoints.scope, strategy.identity(), seed, config, device.type))
+    key = repr((checkpoints.scope, call_hook(strategy, "identity"), seed, config, device.type))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{strategy.name}-seed{seed}")[:80]
     path = checkpoints.directory / f"{name}-{digest}{SUFFIX}"

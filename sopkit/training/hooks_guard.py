@@ -134,6 +134,11 @@ def _check_returned(strategy: Strategy, hook: str, value: Any) -> None:
 
         if not isinstance(value, TrainResult):
             expected = "a TrainResult (what session.train returns)"
+    elif hook == "identity":
+        try:
+            hash(value)  # it keys the session's finished trainings and the checkpoints
+        except TypeError:
+            expected = "a hashable value (e.g. a tuple of its name and options)"
     if expected is not None:
         raise _error(strategy, hook, f"returned {_describe(value)} from {hook}(); it must return "
                      f"{expected}.")

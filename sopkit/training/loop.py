@@ -221,7 +221,7 @@ class TrainingSession:
         seed = self.seed if seed is None else seed
         base = config or self.config
         config = call_hook(strategy, "schedule", base)
-        key = (strategy.identity(), seed, config)
+        key = (call_hook(strategy, "identity"), seed, config)
         if key not in self._finished:
             required = {
                 name: self.train(needed.strategy, seed=needed.seed, config=base, label=needed.label)
