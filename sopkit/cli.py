@@ -94,6 +94,12 @@ def compare(
     optimizer: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "optimizer"))] = None,
     lr: Annotated[float | None, typer.Option(help=help_of(TrainConfig, "lr"))] = None,
     lr_grid: Annotated[str | None, typer.Option(help=plain_help_of(ComparePlan, "lr_grid"))] = None,
+    extend_grid: Annotated[
+        int, typer.Option(help=plain_help_of(ComparePlan, "extend_grid"))
+    ] = default_of(ComparePlan, "extend_grid"),
+    confirm_seeds: Annotated[
+        int, typer.Option(help=plain_help_of(ComparePlan, "confirm_seeds"))
+    ] = default_of(ComparePlan, "confirm_seeds"),
     weight_decay: Annotated[
         float | None, typer.Option(help=help_of(TrainConfig, "weight_decay"))
     ] = None,
@@ -214,6 +220,8 @@ def compare(
         data_dir=data_dir,
         download=download,
         save_models=save_models,
+        extend_grid=extend_grid,
+        confirm_seeds=confirm_seeds,
     )
     from sopkit.models.checks import refuse_code_models
 

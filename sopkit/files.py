@@ -67,9 +67,15 @@ def write_atomic(path: Path | str, data: bytes | str) -> Path:
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = _create_temporary(path)
+    temporary: Path | None = None
+    descriptor: int | None = None
     try:
+        # A Ctrl-C between creating the temporary and knowing its name would leave it behind:
+        # held back until both are known (then raised inside this try, which removes it).
+        with deferred_sigint():
+            descriptor, temporary = _create_temporary(path)
         with os.fdopen(descriptor, "wb") as stream:
+            descriptor = None  # the stream owns it now, and closes it
             stream.write(payload)
             stream.flush()
             os.fsync(stream.fileno())
@@ -79,8 +85,12 @@ def write_atomic(path: Path | str, data: bytes | str) -> Path:
             return path
         os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                os.close(descriptor)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
         raise
     _sync_directory(path.parent)
     return path

@@ -3,7 +3,8 @@
 One test per strategy found in the ``sopkit.strategies`` entry-point group, on a tiny in-memory task:
 it trains and learns; its loss stays finite; it ends with a deployable model that carries no majority
 kernels, whose parameter count is the baseline's times what the strategy declares
-(``inference_params_multiple``, 1 unless declared: ``e`` for an ensemble) and whose accuracy is the
+(``inference_params_multiple``, 1 unless declared: ``e`` for an ensemble; or, for a size no whole
+multiple gives, exactly ``expected_inference_params(plain_model)``: ``wide``) and whose accuracy is the
 one reported; the same seed gives the same result, bit for bit; and the strategy instance carries no
 state from one run to the next: ``fit`` leaves ``vars(strategy)`` as it was, and one instance trained
 with another seed in between gives what a fresh instance gives.
@@ -88,7 +89,10 @@ def test_strategy_contract(name: str) -> None:
     assert not is_expanded(model)
     multiple = strategy.inference_params_multiple
     assert result.inference_params == count_parameters(model)
-    assert result.inference_params == multiple * count_parameters(_model())
+    # A size no whole multiple gives (wide's e-times-wider layers) is declared exactly instead.
+    exact = getattr(strategy, "expected_inference_params", None)
+    declared = exact(_model()) if exact else multiple * count_parameters(_model())
+    assert result.inference_params == declared
     assert session.evaluate(model, "test") == result.test_accuracy
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(4, INPUTS))).all()

@@ -44,7 +44,8 @@ def main() -> None:
     config = transformers.T5Config(
         vocab_size=args.vocab, d_model=args.d_model, d_kv=args.d_model // 4, d_ff=4 * args.d_model,
         num_layers=args.layers, num_heads=4, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0,
+        # Accepted through PretrainedConfig's **kwargs, which T5Config's typed signature omits.
+        decoder_start_token_id=0,  # type: ignore[call-arg]
     )
     directory = tempfile.mkdtemp(prefix="sopkit-hf-step-")
     transformers.T5ForConditionalGeneration(config).save_pretrained(directory)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sopkit.data.cache import ArrayCache
+from sopkit.data.parameters import mnist1d_samples
 from sopkit.data.prepare import LoadOptions, vector_splits
 from sopkit.data.splits import DataSplits
 
@@ -28,11 +29,14 @@ _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_TEST_SEED = 0  # fixed on purpose: the test set must not move with split_seed
 
 
-def _mnist1d_arrays(cache: ArrayCache) -> dict[str, np.ndarray]:
-    """The mnist1d arrays for the package's default recipe, from the cache or freshly generated."""
+def _mnist1d_arrays(cache: ArrayCache, samples: int | None = None) -> dict[str, np.ndarray]:
+    """The mnist1d arrays for the package's default recipe (``samples`` in all: the recipe's own
+    when None), from the cache or freshly generated."""
     from mnist1d import data as mnist1d_data  # lazy: it pulls in matplotlib
 
     args = mnist1d_data.get_dataset_args()
+    if samples is not None:  # part of the recipe, so of the cache key
+        args.num_samples = samples
     # The URL only matters for downloading, which we never do; everything else shapes the data.
     recipe: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "url"}
     try:
@@ -63,7 +67,7 @@ def _mnist1d_arrays(cache: ArrayCache) -> dict[str, np.ndarray]:
 
 def load_mnist1d(opts: LoadOptions) -> DataSplits:
     """MNIST-1D (Greydanus 2020): 40-sample 1-D signals of 10 digit templates, generated offline."""
-    arrays = _mnist1d_arrays(ArrayCache(opts.cache_dir))
+    arrays = _mnist1d_arrays(ArrayCache(opts.cache_dir), mnist1d_samples(opts.parameters))
     return vector_splits(
         "mnist1d",
         torch.from_numpy(arrays["x"]),

@@ -9,7 +9,7 @@ validation nor test leaks into preprocessing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,8 @@ class LoadOptions:
     resize_size: int = 256  # imagenet: the shorter side evaluation images are resized to first
     # The models the data is for: text sets (glue:TASK) tokenise with their hf: model's tokenizer.
     models: tuple[str, ...] = ()
+    # Parameters given in the set's name (mnist1d:samples=N), checked against the set's own list.
+    parameters: dict[str, str] = field(default_factory=dict)
 
 
 def carve_val(n: int, name: str, opts: LoadOptions) -> tuple[torch.Tensor, torch.Tensor]:

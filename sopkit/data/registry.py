@@ -17,6 +17,7 @@ from sopkit.data.cache import default_cache_dir
 from sopkit.data.folder import load_imagefolder
 from sopkit.data.imagenet import load_imagenet
 from sopkit.data.offline import load_digits, load_mnist1d
+from sopkit.data.parameters import MNIST1D_SAMPLES, split_parameters
 from sopkit.data.prepare import LoadOptions
 from sopkit.data.splits import DataSplits
 from sopkit.data.vision import load_cifar10, load_fashion_mnist, load_mnist
@@ -40,6 +41,8 @@ class DatasetSpec:
     # `sopkit compare`'s --augment when it is not given: the standard recipe for the image sets.
     # "none" here also means the set has no standard recipe (--augment standard is then none).
     default_augment: str = "standard"
+    # The parameters its name takes (NAME:KEY=VALUE, see sopkit.data.parameters).
+    parameters: tuple[str, ...] = ()
 
 
 def _registry(*specs: DatasetSpec) -> dict[str, DatasetSpec]:
@@ -69,11 +72,13 @@ _GLUE_SPECS = tuple(
 DATASETS: dict[str, DatasetSpec] = _registry(
     DatasetSpec(
         "mnist1d",
-        "MNIST-1D: 1-D signals of length 40, 10 classes, generated offline (default).",
+        "MNIST-1D: 1-D signals of length 40, 10 classes, generated offline (default); "
+        "mnist1d:samples=N generates N samples instead of the published 5,000.",
         needs_data_dir=False,
         loader=load_mnist1d,
         default_epochs=200,
         default_augment="none",
+        parameters=(MNIST1D_SAMPLES,),
     ),
     DatasetSpec(
         "digits",
@@ -126,10 +131,18 @@ def dataset_spec(name: str) -> DatasetSpec:
     """The registry entry for a name a user typed (UserError, listing the valid names, if none)."""
     if not isinstance(name, str):
         raise UserError(f"A data set name must be a string, got {name!r}.")
+    base, parameters = split_parameters(name)
     # Forgive case and an underscore for the dash ("Fashion_MNIST"): both are common spellings.
-    spec = DATASETS.get(name.strip().lower().replace("_", "-"))
+    spec = DATASETS.get(base.strip().lower().replace("_", "-"))
     if spec is None:
-        raise unknown_name("dataset", name, DATASETS)
+        raise unknown_name("dataset", base if parameters else name, DATASETS)
+    unknown = sorted(set(parameters) - set(spec.parameters))
+    if unknown:
+        takes = ", ".join(spec.parameters) if spec.parameters else "none"
+        raise UserError(
+            f"Data set {name!r}: {spec.name} has no parameter {', '.join(unknown)} "
+            f"(it takes: {takes})."
+        )
     return spec
 
 
@@ -199,5 +212,6 @@ def load_dataset(
         crop_size=crop_size,
         resize_size=resize_size,
         models=tuple(models),
+        parameters=split_parameters(name)[1],
     )
     return spec.loader(opts)

@@ -120,6 +120,12 @@ class ComparePlan:
     save_models: bool = field(default=True, metadata=_help(
         "Save every trial's deployable model beside its record (models/KEY.safetensors, for "
         "`sopkit export`)."))
+    extend_grid: int = field(default=0, metadata=_help(
+        "After the grid's trials, extend a strategy's grid one rate at a time past the edge its "
+        "choice sits on, at most this many rates per side (0: off); see sopkit.experiment.protocol."))
+    confirm_seeds: int = field(default=0, metadata=_help(
+        "After the search, train this many fresh seeds of every strategy at its chosen rate; "
+        "the reported numbers come from them (0: report the search seeds)."))
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -127,6 +133,15 @@ class ComparePlan:
         for seed in self.seeds:
             check_int("--first-seed", seed, minimum=0)
         check_expansion(self.expansion)
+        check_int("--extend-grid", self.extend_grid, minimum=0, maximum=MAX_LR_EXPONENT)
+        if self.extend_grid and len(self.lr_grid or ()) < 2:
+            raise UserError(
+                "--extend-grid extends a learning-rate grid: give --lr-grid with two or more "
+                "rates (e.g. --lr-grid paper:-2..2)."
+            )
+        check_int("--confirm-seeds", self.confirm_seeds, minimum=0, maximum=MAX_SEEDS)
+        if self.confirm_seeds and self.seeds[-1] + self.confirm_seeds > MAX_INT:
+            raise UserError("--confirm-seeds: the confirmation seeds would pass the largest seed.")
         check_names("--strategies", self.strategies)
         check_names("--model", self.models)
         check_names("--optimizer", self.optimizers)
@@ -145,30 +160,42 @@ class ComparePlan:
     def train_config(self, optimizer: str, lr: float | None) -> TrainConfig:
         return TrainConfig(**{**self.train, "optimizer": optimizer, "lr": lr})
 
+    @property
+    def confirmation_seeds(self) -> tuple[int, ...]:
+        """The confirmation stage's seeds: the ``confirm_seeds`` after the search's last seed."""
+        first = self.seeds[-1] + 1
+        return tuple(range(first, first + self.confirm_seeds))
+
+    def job(
+        self, model: str, optimizer: str, seed: int, lr: float | None, strategies: Sequence[str]
+    ) -> Job:
+        """One cell's job with the trials of ``strategies`` in it."""
+        config = self.train_config(optimizer, lr)
+        specs = tuple(
+            TrialSpec(
+                dataset=self.dataset,
+                model=model,
+                optimizer=optimizer,
+                strategy=strategy,
+                seed=seed,
+                lr=config.learning_rate,
+                train=asdict(replace(config, lr=config.learning_rate)),
+                expansion=self.expansion,
+                options=self.options,
+            )
+            for strategy in strategies
+        )
+        return Job(model, optimizer, seed, lr, specs)
+
     def jobs(self) -> list[Job]:
         """Every (model, optimizer, seed, rate) cell with the trials of all strategies in it."""
-        jobs = []
-        for model in self.models:
-            for optimizer in self.optimizers:
-                for seed in self.seeds:
-                    for lr in self.learning_rates(optimizer):
-                        config = self.train_config(optimizer, lr)
-                        specs = tuple(
-                            TrialSpec(
-                                dataset=self.dataset,
-                                model=model,
-                                optimizer=optimizer,
-                                strategy=strategy,
-                                seed=seed,
-                                lr=config.learning_rate,
-                                train=asdict(replace(config, lr=config.learning_rate)),
-                                expansion=self.expansion,
-                                options=self.options,
-                            )
-                            for strategy in self.strategies
-                        )
-                        jobs.append(Job(model, optimizer, seed, lr, specs))
-        return jobs
+        return [
+            self.job(model, optimizer, seed, lr, self.strategies)
+            for model in self.models
+            for optimizer in self.optimizers
+            for seed in self.seeds
+            for lr in self.learning_rates(optimizer)
+        ]
 
     def grid_note(self) -> str:
         """Which grid this plan runs, in words, for reports."""
@@ -190,7 +217,15 @@ class ComparePlan:
             )
         else:
             parts.append("learning rates " + ", ".join(f"{v:g}" for v in self.lr_grid))
+        if self.extend_grid:
+            parts.append(f"grid extended by up to {self.extend_grid} rates per side past an edge")
         parts.append(f"{len(self.seeds)} seeds ({self.seeds[0]}..{self.seeds[-1]})")
+        if self.confirm_seeds:
+            confirm = self.confirmation_seeds
+            parts.append(
+                f"rates chosen on those, reported on {len(confirm)} confirmation seeds "
+                f"({confirm[0]}..{confirm[-1]})"
+            )
         if epochs:
             parts.append(f"{epochs} epochs")
         batch = self.train.get("batch_size", default_of(TrainConfig, "batch_size"))
@@ -299,6 +334,8 @@ def build_plan(
     data_dir: str | None = None,
     download: bool = False,
     save_models: bool = default_of(ComparePlan, "save_models"),
+    extend_grid: int = default_of(ComparePlan, "extend_grid"),
+    confirm_seeds: int = default_of(ComparePlan, "confirm_seeds"),
 ) -> ComparePlan:
     """A plan from a preset (if any) with every explicitly given value overriding it; what neither
     gives comes from ``ComparePlan``'s and ``TrainConfig``'s defaults (the data set's epochs).
@@ -377,6 +414,8 @@ def build_plan(
         download=download,
         preset=settings.get("name"),
         save_models=save_models,
+        extend_grid=extend_grid,
+        confirm_seeds=confirm_seeds,
     )
 
 
@@ -405,4 +444,5 @@ def plan_record(plan: ComparePlan, command: str = "") -> dict[str, Any]:
     record["command"] = command
     record["grid_note"] = plan.grid_note()
     record["trial_keys"] = [spec.key for job in plan.jobs() for spec in job.specs]
+    record["confirmation_seeds"] = list(plan.confirmation_seeds)
     return record

@@ -56,6 +56,11 @@ def compare_on_ranks(
             f"--executor {executor} under torchrun: a torchrun comparison runs its trials in its "
             "own processes. Drop --executor (or run without torchrun)."
         )
+    if plan.extend_grid or plan.confirm_seeds:  # stages planned from results: not on ranks yet
+        raise UserError(
+            "--extend-grid and --confirm-seeds are not supported under torchrun yet. Run the "
+            "grid under torchrun, then the same command without torchrun adds the stages."
+        )
     Execution(threads=threads, data_workers=data_workers)  # the checks run_plan makes
     distributed.start(ranks, plan.device)
     try:

@@ -7,13 +7,18 @@ chosen. A failed trial (it raised) counts as one not run yet: it is listed with 
 numbers come from the trials that finished. The test accuracy at the chosen rate is reported as
 mean ± std over seeds, and against ``baseline`` on the same seeds as the mean paired difference
 with a 95% t-interval.
+
+Two protocol stages refine this (``sopkit.experiment.protocol``): a chosen rate at either end of the
+rates a strategy tried is flagged (``StrategyResult.edge``), and with confirmation seeds the rate is
+chosen on the search seeds only while every reported number comes from the confirmation seeds at
+the chosen rate (choosing and reporting on the same seeds is biased upwards).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +67,13 @@ class StrategyResult:
     paired: PairedDifference | None = None
     extra: dict[str, float] = field(default_factory=dict)
     trials: int = 0
+    # Every rate the strategy was trained at on the search seeds (diverged and failed included).
+    rates_tried: list[float] = field(default_factory=list)
+    # "low" / "high": the chosen rate is the smallest / largest of two or more rates tried, so a
+    # better one may lie beyond the grid; None: interior (or a single rate, or nothing chosen).
+    edge: str | None = None
+    search_seeds: list[int] = field(default_factory=list)  # the seeds the rate was chosen on
+    confirmed: bool = False  # True: ``seeds`` and every number are the confirmation seeds'
 
     def as_dict(self) -> dict[str, Any]:
         record = {k: v for k, v in self.__dict__.items() if k not in ("paired", "curves")}
@@ -138,7 +150,22 @@ def _median(values: Iterable[float | None]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
-def _summarise_strategy(name: str, every_trial: Sequence[TrialRecord]) -> StrategyResult:
+def edge_of(chosen: float | None, rates: Collection[float]) -> str | None:
+    """"low" / "high" when ``chosen`` is the smallest / largest of two or more ``rates``."""
+    if chosen is None or len(set(rates)) < 2:
+        return None
+    if chosen == min(rates):
+        return "low"
+    if chosen == max(rates):
+        return "high"
+    return None
+
+
+def _summarise_strategy(
+    name: str, every_trial: Sequence[TrialRecord], confirm_seeds: Collection[int] = ()
+) -> StrategyResult:
+    confirming = [t for t in every_trial if t.spec.seed in confirm_seeds]
+    every_trial = [t for t in every_trial if t.spec.seed not in confirm_seeds] or every_trial
     failed = [t for t in every_trial if t.failed]
     trials = [t for t in every_trial if not t.failed]  # failed trials have no numbers
     by_lr: dict[float, list[TrialRecord]] = {}
@@ -154,6 +181,13 @@ def _summarise_strategy(name: str, every_trial: Sequence[TrialRecord]) -> Strate
     # Highest validation accuracy; ties go to the smaller rate (the more conservative choice).
     chosen = max(eligible, key=lambda lr: (eligible[lr], -lr)) if eligible else None
     at_chosen = sorted(by_lr[chosen] if chosen is not None else [], key=lambda r: r.spec.seed)
+    search_seeds = sorted({t.spec.seed for t in every_trial})
+    rates_tried = sorted({t.spec.lr for t in every_trial})
+    if confirm_seeds:  # the numbers come from the confirmation seeds at the chosen rate only
+        at_chosen = sorted(
+            (t for t in confirming if not t.failed and t.spec.lr == chosen),
+            key=lambda r: r.spec.seed,
+        )
     accuracies = [_number(r.test_accuracy) for r in at_chosen]
     extra_keys = sorted(
         {k for r in at_chosen for k, v in r.extra.items() if isinstance(v, int | float)}
@@ -195,6 +229,10 @@ def _summarise_strategy(name: str, every_trial: Sequence[TrialRecord]) -> Strate
             k: statistics.fmean(r.extra[k] for r in at_chosen if k in r.extra) for k in extra_keys
         },
         trials=len(every_trial),
+        rates_tried=rates_tried,
+        edge=edge_of(chosen, rates_tried),
+        search_seeds=search_seeds,
+        confirmed=bool(confirm_seeds),
     )
 
 
@@ -203,8 +241,17 @@ def _number(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def aggregate(trials: Iterable[TrialRecord], strategy_order: Sequence[str] = ()) -> list[Group]:
-    """Group stored trials (``TrialStore.trials()``) and summarise every strategy in every group."""
+def aggregate(
+    trials: Iterable[TrialRecord],
+    strategy_order: Sequence[str] = (),
+    confirm_seeds: Collection[int] = (),
+) -> list[Group]:
+    """Group stored trials (``TrialStore.trials()``) and summarise every strategy in every group.
+
+    ``confirm_seeds``: the confirmation stage's seeds, never used to choose a rate; when given,
+    every reported number comes from them at the chosen rate.
+    """
+    confirm_seeds = frozenset(confirm_seeds)
     groups: dict[Any, list[TrialRecord]] = {}
     for record in trials:
         groups.setdefault(_group_key(record), []).append(record)
@@ -217,7 +264,9 @@ def aggregate(trials: Iterable[TrialRecord], strategy_order: Sequence[str] = ())
         order = [s for s in strategy_order if s in by_strategy] + sorted(
             s for s in by_strategy if s not in strategy_order
         )
-        summaries = [_summarise_strategy(name, by_strategy[name]) for name in order]
+        summaries = [
+            _summarise_strategy(name, by_strategy[name], confirm_seeds) for name in order
+        ]
         reference = next((s for s in summaries if s.strategy == REFERENCE_STRATEGY), None)
         for summary in summaries:
             if reference is not None:
@@ -236,7 +285,7 @@ def aggregate(trials: Iterable[TrialRecord], strategy_order: Sequence[str] = ())
                 train={k: v for k, v in first.train.items() if k != "lr"},
                 expansion=first.expansion,
                 strategies=summaries,
-                lr_grid=sorted({t.spec.lr for t in group_trials}),
+                lr_grid=sorted({r for s in summaries for r in s.rates_tried}),
             )
         )
     return result

@@ -278,24 +278,58 @@ def run_plan(
     else:
         runner.check()
     all_jobs = plan.jobs()
+    record = plan_record(plan, command)
     with TrialStore(database) as store:
-        store.write_plan(plan_record(plan, command))
+        store.write_plan(record)
         done = store.done_keys()
         retried = len(store.failed_keys() & {s.key for job in all_jobs for s in job.specs})
-    pending = [job for job in all_jobs if any(s.key not in done for s in job.specs)]
-    skipped = sum(len(job.specs) for job in all_jobs) - sum(
-        sum(s.key not in done for s in job.specs) for job in pending
-    )
+    skipped = sum(s.key in done for job in all_jobs for s in job.specs)
     if skipped:
         progress.message(f"Resuming: {skipped} finished trials in {database} are kept.")
     if retried:
         progress.message(f"Retrying {retried} failed trial{'s' if retried != 1 else ''}.")
+    _run_jobs(runner, all_jobs, progress, execution)
+    keys = {spec.key for job in all_jobs for spec in job.specs}
+    confirm = plan.confirmation_seeds
+
+    def groups_of(wanted: set[str]) -> list[Group]:
+        with TrialStore(database) as store:
+            trials = [t for t in store.trials() if t.key in wanted]
+        return aggregate(trials, plan.strategies, confirm)
+
+    if plan.extend_grid or plan.confirm_seeds:
+        from sopkit.experiment.protocol import run_stages
+
+        def run_stage(jobs: list[Job], stage: str) -> None:
+            added = [s.key for job in jobs for s in job.specs if s.key not in keys]
+            keys.update(added)
+            record["protocol_keys"] = [*record.get("protocol_keys", []), *added]
+            with TrialStore(database) as store:  # a report, even of a Ctrl-C, covers them
+                store.write_plan(record)
+            progress.message(f"{stage}.")
+            _run_jobs(runner, jobs, progress, execution)
+
+        stages = run_stages(plan, groups_of, run_stage, set(keys))
+        record["extensions"] = [e.as_dict() for e in stages.extensions]
+        with TrialStore(database) as store:
+            store.write_plan(record)
+    return groups_of(keys)
+
+
+def _run_jobs(
+    runner: PlanRunner, jobs: Sequence[Job], progress: Progress, execution: Execution
+) -> None:
+    """Train the unfinished trials of ``jobs`` where ``execution`` says."""
+    runner._jobs.update({spec.key: job for job in jobs for spec in job.specs})
+    with TrialStore(runner.database) as store:
+        done = store.done_keys()
+    pending = [job for job in jobs if any(s.key not in done for s in job.specs)]
     progress.jobs_done(0, len(pending))
-    if executor == "ray":
+    if execution.executor == "ray":
         from sopkit.experiment.executors import run_on_ray
 
         run_on_ray(runner, pending, progress, execution)
-    elif jobs == 1:
+    elif execution.jobs == 1:
         for index, job in enumerate(pending, 1):
             runner.run_job(job, progress)
             progress.jobs_done(index, len(pending))
@@ -303,8 +337,6 @@ def run_plan(
         from sopkit.experiment.executors import run_in_pool
 
         run_in_pool(runner, pending, progress, execution)
-    keys = {spec.key for job in all_jobs for spec in job.specs}
-    with TrialStore(database) as store:
-        trials = [t for t in store.trials() if t.key in keys]
-    return aggregate(trials, plan.strategies)
-
+        with TrialStore(runner.database) as store:  # a worker's runner knows only the grid's jobs
+            for job in pending:
+                runner._discard_checkpoints(job.specs[0], store)

@@ -34,6 +34,8 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 FIGURES_DIR = "figures"
 TRIALS_FILE = "trials.jsonl"
+# What a comparison's run adds to its stored plan (sopkit.experiment.protocol's stages).
+PROTOCOL_KEYS = ("protocol_keys", "extensions", "confirmation_seeds")
 
 
 def _write_pngs(out_dir: Path, specs: Sequence[FigureSpec]) -> list[Path]:
@@ -87,6 +89,7 @@ def regenerate(
     command that regenerates. ``complete`` overrides the check that every planned trial finished
     (a failed trial has not).
     """
+    from sopkit.experiment.protocol import extension_texts
     from sopkit.experiment.results import aggregate
     from sopkit.experiment.store import TrialStore
     from sopkit.report.terminal import print_report
@@ -99,14 +102,24 @@ def regenerate(
     if plan is None:
         plan = stored_plan
     else:
-        keys = set(plan["trial_keys"])
+        if stored_plan.get("trial_keys") == plan["trial_keys"]:
+            # The same comparison, as its run stored it: with its protocol stages' trials.
+            plan = {**plan, **{k: v for k, v in stored_plan.items() if k in PROTOCOL_KEYS}}
+        keys = set(plan["trial_keys"]) | set(plan.get("protocol_keys", []))
         trials = [t for t in trials if t.key in keys]
-    planned = set(plan.get("trial_keys", []))
+    planned = set(plan.get("trial_keys", [])) | set(plan.get("protocol_keys", []))
     if not trials:
         raise UserError(f"The results database in {out_dir} holds no finished trial yet.")
+    groups = aggregate(trials, plan.get("strategies", ()), plan.get("confirmation_seeds", ()))
     if complete is None:
         complete = bool(planned) and planned <= {t.key for t in trials if not t.failed}
-    groups = aggregate(trials, plan.get("strategies", ()))
+        # Confirmation trials are planned from the search's results: until then, none are listed.
+        complete = complete and all(
+            len(r.seeds) >= len(plan.get("confirmation_seeds", ()))
+            for g in groups
+            for r in g.strategies
+            if r.chosen_lr is not None
+        )
     meta = ReportMeta.from_trials(
         trials,
         title=plan.get("preset") or f"{plan.get('dataset', trials[0].spec.dataset)} comparison",
@@ -114,6 +127,7 @@ def regenerate(
         command=plan.get("command") or "",
         complete=complete,
         grid_note=plan.get("grid_note", ""),
+        extensions=extension_texts(plan.get("extensions", [])),
     )
     try:
         with staged_writes():

@@ -65,6 +65,8 @@ class ReportMeta:
     # Where the trials' provenance differs (two git revisions, two torch versions...): for each such
     # key ("git_revision", "versions.torch", ...), every value shown with its number of trials.
     provenance_spread: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What the edge extension did (sopkit.experiment.protocol.Extension.text), one line each.
+    extensions: list[str] = field(default_factory=list)
 
     @classmethod
     def from_trials(cls, trials: Sequence[TrialRecord], *, title: str, **fields: Any) -> ReportMeta:
@@ -108,6 +110,7 @@ def provenance_items(meta: ReportMeta) -> list[tuple[str, str]]:
         ("Learning-rate grid, seeds, epochs", meta.grid_note or "see the table below"),
         ("Report written", meta.created),
     ]
+    items += [("Grid extended", text) for text in meta.extensions]
     if not meta.command:
         items.append(("Command", NO_COMMAND))
     revisions = spread.get("git_revision")

@@ -109,6 +109,8 @@ CSV_COLUMNS = (
     "diverged_trials",
     "failed_trials",
     "trials",
+    "chosen_at_edge",  # "low" / "high": the chosen rate is the grid's smallest / largest
+    "search_seeds",  # the seeds that chose the rate ("seeds" are the reported, confirmation ones)
 )
 
 
@@ -134,6 +136,8 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
                 "schedule": group.train.get("schedule"),
                 "strategy": r.strategy,
                 "chosen_lr": r.chosen_lr,
+                "chosen_at_edge": r.edge or "",
+                "search_seeds": ";".join(map(str, r.search_seeds)),
                 "test_accuracy_mean": r.test_accuracy_mean,
                 "test_accuracy_std": r.test_accuracy_std,
                 "val_accuracy_mean": r.val_accuracy_mean,

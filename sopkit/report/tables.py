@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sopkit.experiment.results import REFERENCE_STRATEGY
 from sopkit.report.colours import strategy_colour
+from sopkit.report.edges import chosen_lr_text, edge_hint, edge_notes, expected_rates, seed_notes
 from sopkit.report.format import (
     OPTIMIZER_ORDER,
     architecture,
@@ -80,8 +81,9 @@ def teacher_wall_time(result: StrategyResult) -> float | None:
 
 
 def group_seeds(group: Group) -> list[int]:
-    """Every seed any strategy of the group ran, diverged and failed trials included."""
-    seeds = {s for r in group.strategies for s in r.seeds}
+    """Every seed any strategy of the group searched with (or reports), diverged and failed trials
+    included; confirmation seeds apart when the group was confirmed."""
+    seeds = {s for r in group.strategies for s in (r.search_seeds or r.seeds)}
     seeds |= {d["seed"] for r in group.strategies for d in (*r.diverged, *r.failed)}
     return sorted(seeds)
 
@@ -217,7 +219,11 @@ def group_table(group: Group) -> Table:
         [
             _strategy_cell(r.strategy),
             _accuracy_cell(r),
-            Cell(format_lr(r.chosen_lr), "diverged" if r.chosen_lr is None else ""),
+            Cell(
+                chosen_lr_text(r),
+                "diverged" if r.chosen_lr is None else "warn" if r.edge else "",
+                edge_hint(r),
+            ),
             _delta_cell(group, r),
             Cell(format_ratio(r.step_time_ratio)),
             Cell(format_step_time(r.median_step_time)),
@@ -231,6 +237,7 @@ def group_table(group: Group) -> Table:
     notes = []
     if not any(r.strategy == REFERENCE_STRATEGY for r in group.strategies):
         notes.append("No baseline in this group: no paired differences or step-time ratios.")
+    notes += seed_notes(group) + edge_notes([group])
     return Table(
         f"{group.title} ({config_text(group)})",
         columns,
@@ -262,7 +269,8 @@ def lr_sweep_table(group: Group) -> Table:
             if score is None:
                 row.append(Cell("diverged", "diverged", "a seed diverged: never chosen"))
             elif lr == result.chosen_lr:
-                row.append(Cell(f"{score * 100:.2f}", "strong", "chosen"))
+                hint = edge_hint(result) or "chosen"
+                row.append(Cell(f"{score * 100:.2f}", "strong", hint))
             else:
                 row.append(Cell(f"{score * 100:.2f}"))
         rows.append(row)
@@ -340,7 +348,7 @@ def paper_tables(groups: Sequence[Group]) -> list[Table]:
                     result = present.get(optimizer)
                     row.append(_accuracy_cell(result))
                     row.append(
-                        Cell(format_lr(result.chosen_lr))
+                        Cell(chosen_lr_text(result), hint=edge_hint(result))
                         if result is not None
                         else Cell("—", "muted")
                     )
@@ -356,6 +364,8 @@ def paper_tables(groups: Sequence[Group]) -> list[Table]:
             "Test accuracy (%) at the learning rate chosen on validation accuracy, mean ± std over "
             "seeds (paper Section 5.1, Table 1)."
         ]
+        notes += edge_notes(members)
+        notes += next((n for g in members if (n := seed_notes(g))), [])
         tables.append(Table(title, columns, rows, notes))
     return tables
 
@@ -499,11 +509,12 @@ def coverage_warnings(groups: Sequence[Group]) -> list[str]:
     can still change, or a protocol not followed."""
     warnings = []
     for group in groups:
-        expected = len(group.lr_grid) * len(group_seeds(group))
         for result in group.strategies:
+            rates = len(expected_rates(group, result))
+            expected = rates * len(group_seeds(group))
             if result.trials < expected:
                 warnings.append(
                     f"{result.strategy} on {group.title}: {result.trials} of {expected} trials "
-                    f"({len(group.lr_grid)} rates × {len(group_seeds(group))} seeds)."
+                    f"({rates} rates × {len(group_seeds(group))} seeds)."
                 )
     return warnings

@@ -123,3 +123,5 @@ def print_report(console: Console, groups: Sequence[Group], meta: ReportMeta) ->
         )
     if meta.grid_note:
         console.print(f"[dim]{escape(meta.grid_note)}[/]")
+    for text in meta.extensions:
+        console.print(f"[dim]Grid extended: {escape(text)}[/]")
