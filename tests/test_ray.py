@@ -392,7 +392,12 @@ def model_module(tmp_path, monkeypatch) -> Path:
     directory, which Ray adds to its workers' path) on the cluster's workers."""
     directory = tmp_path / "models"
     directory.mkdir()
-    (directory / "raytest_model.py").write_text(MODEL_MODULE)
+    # The marker's absolute path, not one from __file__: a Ray worker that found the module through
+    # a relative sys.path entry would make the marker relative to its own working directory.
+    marker = f"Path({str(directory / 'worker-killed')!r})"
+    source = MODEL_MODULE.replace('Path(__file__).with_name("worker-killed")', marker)
+    assert marker in source
+    (directory / "raytest_model.py").write_text(source)
     monkeypatch.syspath_prepend(str(directory))
     return directory
 
