@@ -5,7 +5,6 @@ comparison killed with SIGKILL resumes its trial; checkpoints are gone once tria
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import stored_trials
 from torch import nn
 
 from sopkit.experiment.plan import build_plan
@@ -251,14 +251,6 @@ def test_checkpoint_intervals_read_from_the_command_line():
     assert Execution().checkpoint_every == 60.0
 
 
-def _trials(database: Path) -> int:
-    try:
-        with sqlite3.connect(database, timeout=1) as connection:
-            return int(connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-
-
 @pytest.mark.slow
 def test_a_comparison_killed_mid_trial_resumes_it_from_its_checkpoint(tmp_path):
     def command(out: Path) -> list[str]:
@@ -283,7 +275,7 @@ def test_a_comparison_killed_mid_trial_resumes_it_from_its_checkpoint(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert _trials(killed / DATABASE_NAME) == 0  # killed inside its only trial
+    assert stored_trials(killed / DATABASE_NAME) == 0  # killed inside its only trial
     # The same plan rerun into the same folder (in this process, one thread, as the CLI's), and
     # run once without interruption.
     plan = build_plan(**TINY, epochs=20, strategies=["mk"], batch_size=64)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from processes import proc_stat, stored_trials
 
 from sopkit.experiment.store import DATABASE_NAME
 from sopkit.files import staged_writes, write_atomic
@@ -79,14 +79,6 @@ def _compare(out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _trials(database: Path) -> int:
-    try:
-        with sqlite3.connect(database, timeout=1) as connection:
-            return int(connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-
-
 def _wait(condition, process: subprocess.Popen, limit: float, poll: float = 0.1) -> None:  # type: ignore[type-arg,no-untyped-def]
     deadline = time.monotonic() + limit
     while not condition():
@@ -103,7 +95,7 @@ def test_ctrl_c_twice_exits_130_with_every_trial_kept_and_reported(tmp_path: Pat
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )
     try:
-        _wait(lambda: _trials(out / DATABASE_NAME) >= 2, process, limit=300)
+        _wait(lambda: stored_trials(out / DATABASE_NAME) >= 2, process, limit=300)
         process.send_signal(signal.SIGINT)  # the terminal's copy...
         time.sleep(0.05)
         process.send_signal(signal.SIGINT)  # ... and the one `uv run` forwards
@@ -113,7 +105,7 @@ def test_ctrl_c_twice_exits_130_with_every_trial_kept_and_reported(tmp_path: Pat
             process.kill()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "Interrupted. Every finished trial is kept" in stderr
-    stored = _trials(out / DATABASE_NAME)
+    stored = stored_trials(out / DATABASE_NAME)
     assert 2 <= stored < 40
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False
@@ -154,28 +146,20 @@ def _children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (from /proc: no psutil needed)."""
     children = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                children.append(int(entry.name))
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry.name))
     return children
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has stopped; only its parent (now init) has to reap it
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has stopped; init reaps it
 
 
 def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

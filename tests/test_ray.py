@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import proc_stat
 from typer.testing import CliRunner
 
 from sopkit.cli import app
@@ -307,11 +308,8 @@ def _processes() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, process group) of every process visible in /proc."""
     found = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
+        fields = proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields is not None:
             found[int(entry.name)] = (int(fields[1]), int(fields[2]))
     return found
 
@@ -340,14 +338,7 @@ def _stop_cluster(groups: list[int]) -> None:
 
 
 def _alive(pids: set[int]) -> bool:
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            return True
-    return False
+    return any((fields := proc_stat(pid)) is not None and fields[0] != "Z" for pid in pids)
 
 
 class Cluster:

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
 
 from sopkit.deploy.artifacts import AveragedEnsemble
 from sopkit.mk import count_parameters
@@ -26,7 +30,10 @@ from sopkit.training.settings import StrategySettings
 from sopkit.training.strategy import Requirement, Session, Strategy
 from sopkit.training.types import TrainResult
 
-__all__ = ["MEMBER_KINDS", "Ensemble", "EnsembleModel", "member_requirements", "member_seed"]
+__all__ = [
+    "MEMBER_KINDS", "Ensemble", "EnsembleModel", "combined_result", "member_requirements",
+    "member_seed",
+]
 
 #: The strategies an ensemble can be made of, by the name they are registered under in sopkit.
 MEMBER_KINDS: dict[str, type[Baseline]] = {"baseline": Baseline, "baseline-long": BaselineLong}
@@ -96,23 +103,38 @@ class Ensemble(Strategy):
         needed = member_requirements(self.settings, self.member_kind, session.seed).values()
         members = [session.train(m.strategy, seed=m.seed, label=m.label) for m in needed]
         model = EnsembleModel([member.model for member in members if member.model is not None])
-        diverged = [m.diverged_at_step for m in members if m.diverged_at_step is not None]
-        return TrainResult(
-            strategy=self.name,
-            seed=session.seed,
-            config=members[0].config,
-            test_accuracy=session.evaluate(model, "test"),
-            val_accuracy=session.evaluate(model, "val"),
-            train_params=sum(m.train_params for m in members),
-            inference_params=count_parameters(model),
-            step_times=[t for m in members for t in m.step_times],
-            wall_time=sum(m.wall_time for m in members),
-            curve=[],
-            diverged_at_step=min(diverged) if diverged else None,
-            extra={
-                "members": len(members),
-                "member_seeds": [m.seed for m in members],
-                "member_test_accuracy_mean": statistics.fmean(m.test_accuracy for m in members),
-            },
-            model=model,
-        )
+        return combined_result(self.name, session, members, model, {
+            "members": len(members),
+            "member_seeds": [m.seed for m in members],
+            "member_test_accuracy_mean": statistics.fmean(m.test_accuracy for m in members),
+        })
+
+
+def combined_result(
+    name: str,
+    session: Session,
+    members: Sequence[TrainResult],
+    model: nn.Module,
+    extra: dict[str, Any],
+    *,
+    diverged_from: Sequence[TrainResult] | None = None,
+) -> TrainResult:
+    """The result of ``model``, made from the trainings ``members`` (an ensemble, a soup): scored on
+    the session's data, at the cost of all members (train parameters, step times, wall time), and
+    diverged where one of ``diverged_from`` (default: the members) diverged first."""
+    steps = [m.diverged_at_step for m in (diverged_from or members) if m.diverged_at_step is not None]
+    return TrainResult(
+        strategy=name,
+        seed=session.seed,
+        config=members[0].config,
+        test_accuracy=session.evaluate(model, "test"),
+        val_accuracy=session.evaluate(model, "val"),
+        train_params=sum(m.train_params for m in members),
+        inference_params=count_parameters(model),
+        step_times=[t for m in members for t in m.step_times],
+        wall_time=sum(m.wall_time for m in members),
+        curve=[],
+        diverged_at_step=min(steps) if steps else None,
+        extra=extra,
+        model=model,
+    )

@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from sopkit.errors import UserError
-from sopkit.mk import count_parameters
 from sopkit.strategies.baseline import Baseline
 from sopkit.training.settings import StrategySettings
 from sopkit.training.strategy import Requirement, Session, Strategy
 from sopkit.training.types import RunContext, TrainResult
-from sopkit_baselines.ensemble import member_seed
+from sopkit_baselines.ensemble import combined_result, member_seed
 
 __all__ = ["GreedySoup", "SoupMember", "UniformSoup", "average_weights", "soup_requirements"]
 
@@ -122,7 +121,6 @@ class UniformSoup(Strategy):
             if member.model is None:
                 raise UserError(f"Soup member (seed {member.seed}) returned no model to average.")
         chosen, model = self._soup(session, members)
-        diverged = [m.diverged_at_step for m in chosen if m.diverged_at_step is not None]
         details = getattr(session, "metric_details", None)
         extra: dict[str, Any] = {
             "members": len(members),
@@ -132,21 +130,7 @@ class UniformSoup(Strategy):
             "member_test_accuracy_mean": statistics.fmean(m.test_accuracy for m in members),
             **(details(model) if callable(details) else {}),
         }
-        return TrainResult(
-            strategy=self.name,
-            seed=session.seed,
-            config=members[0].config,
-            test_accuracy=session.evaluate(model, "test"),
-            val_accuracy=session.evaluate(model, "val"),
-            train_params=sum(m.train_params for m in members),
-            inference_params=count_parameters(model),
-            step_times=[t for m in members for t in m.step_times],
-            wall_time=sum(m.wall_time for m in members),
-            curve=[],
-            diverged_at_step=min(diverged) if diverged else None,
-            extra=extra,
-            model=model,
-        )
+        return combined_result(self.name, session, members, model, extra, diverged_from=chosen)
 
     def _soup(
         self, session: Session, members: list[TrainResult]
