@@ -20,8 +20,15 @@ TRACKED_PACKAGES = (
 )
 
 
+#: Left out of the ``-dirty`` check: the repository's ``reports/`` holds only reports that a nox
+#: session regenerates, and the run that regenerates them rewrites them as it goes, so their changes
+#: say nothing about the code that produced a result.
+GENERATED_REPORTS = ":(top,exclude)reports/"
+
+
 def git_revision(path: Path | None = None) -> str | None:
-    """The checked-out commit (with ``-dirty`` when the tree has changes), or None outside git."""
+    """The checked-out commit (with ``-dirty`` when a tracked file outside ``reports/`` has changes),
+    or None outside git."""
     cwd = path or Path(__file__).resolve().parent
     try:
         revision = subprocess.run(
@@ -33,7 +40,7 @@ def git_revision(path: Path | None = None) -> str | None:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", GENERATED_REPORTS],
             cwd=cwd,
             capture_output=True,
             text=True,
