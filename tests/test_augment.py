@@ -145,7 +145,9 @@ def _image_data() -> DataSplits:
     return DataSplits("toy-images", (3, 6, 6), 30, train, val, test, augment=CropFlip(padding=2))
 
 
-def _train(data: DataSplits, augment: str, seed: int) -> tuple[Spy, TargetSpy]:
+def _train(
+    data: DataSplits, augment: str, seed: int, device: str = "cpu"
+) -> tuple[Spy, TargetSpy]:
     models: list[Spy] = []
 
     def build() -> nn.Module:
@@ -154,7 +156,7 @@ def _train(data: DataSplits, augment: str, seed: int) -> tuple[Spy, TargetSpy]:
 
     config = TrainConfig(epochs=2, batch_size=8, augment=augment)
     strategy = TargetSpy()
-    TrainingSession(data, build, config, device=torch.device("cpu"), seed=seed).train(strategy)
+    TrainingSession(data, build, config, device=torch.device(device), seed=seed).train(strategy)
     return models[0], strategy
 
 
@@ -388,8 +390,8 @@ def test_augmentation_on_cuda_is_reproducible_and_imagenet_takes_a_cuda_generato
     tmp_path: Path,
 ) -> None:
     data = _image_data().to("cuda")
-    first, _ = _train(data, "standard", seed=5)
-    again, _ = _train(data, "standard", seed=5)
+    first, _ = _train(data, "standard", seed=5, device="cuda")
+    again, _ = _train(data, "standard", seed=5, device="cuda")
     assert torch.equal(torch.cat(first.seen[True]), torch.cat(again.seen[True]))
     assert first.seen[True][0].is_cuda
     root = _write_imagenet(tmp_path)
