@@ -450,3 +450,23 @@ def test_a_grid_on_a_ray_cluster_equals_jobs_1_survives_a_lost_worker_and_resume
         assert weights_path(out, key).read_bytes() == weights_path(tmp_path / "one", key).read_bytes()
     # Each trial is stored with the provenance of the process that trained it (one thread).
     assert {t.provenance["torch_threads"] for t in stored} == {1}
+
+
+@pytest.mark.slow
+def test_the_extension_and_confirmation_stages_on_a_ray_cluster_equal_jobs_1(
+    ray_cluster, tmp_path
+):
+    """Both stages are planned from what the driver stored, so they run on Ray as the search does:
+    a two-rate grid always chooses at an edge, so each strategy gets one rate more, then a fresh
+    seed at its chosen rate; every trial equals --jobs 1's bit for bit."""
+    plan = build_plan(**TINY, models=["mlp-a1"], seeds=1, lr_grid="0.03,0.01", extend_grid=1,
+                      confirm_seeds=1, device="cpu")
+    run_plan(plan, tmp_path / "one", NullProgress(), jobs=1)
+    run_plan(plan, tmp_path / "ray", NullProgress(), executor="ray",
+             ray_address=ray_cluster.address)
+    assert _results(tmp_path / "ray") == _results(tmp_path / "one")
+    stored = TrialStore(tmp_path / "ray" / DATABASE_NAME).trials()
+    for strategy in TINY["strategies"]:
+        mine = [t.spec for t in stored if t.spec.strategy == strategy]
+        assert len({s.lr for s in mine if s.seed == 0}) == 3  # the grid and one rate past its edge
+        assert [s.seed for s in mine if s.seed != 0] == [1]  # the confirmation seed
