@@ -25,6 +25,16 @@ REPORT_FILES = ("report.md", "report.html", "summary.json", "summary.csv", "tria
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_interrupts():
+    """These tests send SIGINT to themselves and expect Python's own handler. A test run started in
+    the background by a non-interactive shell inherits SIGINT ignored, and Python then leaves it
+    ignored, so each test installs the handler a terminal's Ctrl-C would meet, and restores."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _sigint_self() -> None:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.05)  # Python runs the handler at the next bytecode boundary
