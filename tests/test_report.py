@@ -329,6 +329,42 @@ def test_the_diverged_trial_is_in_markdown_and_html(report_dir: Path) -> None:
     assert re.search(r"0\.0015</td><td[^>]*>1</td><td[^>]*>diverged at step 17", page)
 
 
+def test_the_strategies_section_says_what_each_one_is_and_who_registers_it(
+    report_dir: Path,
+) -> None:
+    from importlib import metadata
+
+    from sopkit_baselines.distill import Distillation
+
+    from sopkit.strategies.baseline import Baseline
+    from sopkit.strategies.majority import MajorityKernelsStrategy
+
+    own = f"sopkit {metadata.version('sopkit')}"
+    plugin = f"sopkit-baselines {metadata.version('sopkit-baselines')}"
+    header, rows = markdown_table((report_dir / "report.md").read_text(), "## Strategies")
+    assert header == ["strategy", "what it is", "registered by"]
+    assert rows == [
+        ["baseline", Baseline.description, own],
+        ["mk", MajorityKernelsStrategy.description, own],
+        ["distill", Distillation.description, plugin],
+    ]
+    page = (report_dir / "report.html").read_text()
+    assert '<h2 id="strategies">Strategies</h2>' in page and Baseline.description in page
+
+
+def test_a_strategy_not_registered_where_the_report_is_written_is_named_not_fatal() -> None:
+    from types import SimpleNamespace
+
+    from sopkit.report.tables import strategies_table
+
+    group = SimpleNamespace(strategies=[SimpleNamespace(strategy=n) for n in ("mk", "gone")])
+    table = strategies_table([group, group])  # type: ignore[list-item]
+    assert [[c.text for c in row] for row in table.rows][1] == [
+        "gone", "(not registered where this report was written)", ""
+    ]
+    assert len(table.rows) == 2  # each strategy once, in order
+
+
 # --- report.html ----------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from sopkit.report.tables import (
     paired_table,
     paper_tables,
     setup_table,
+    strategies_table,
 )
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def render_html(groups: Sequence[Group], meta: ReportMeta, figures: Sequence[Fig
         subtitle.append(f"git {str(provenance['git_revision'])[:12]}")
     body = [f"<h1>{esc(meta.title)}</h1>", f'<p class="subtitle">{esc(" · ".join(subtitle))}</p>']
     body.append(
-        '<nav><a href="#accuracy">Accuracy</a><a href="#differences">Differences</a>'
+        '<nav><a href="#accuracy">Accuracy</a><a href="#strategies">Strategies</a><a href="#differences">Differences</a>'
         '<a href="#figures">Figures</a><a href="#details">Details</a>'
         '<a href="#diverged">Diverged</a><a href="#failed">Failed</a>'
         '<a href="#provenance">How this was produced</a></nav>'
@@ -130,6 +131,8 @@ def render_html(groups: Sequence[Group], meta: ReportMeta, figures: Sequence[Fig
         )
     body.append('<h2 id="accuracy">Test accuracy (paper Table 1 layout)</h2>')
     body += [html_table(t) for t in paper_tables(groups)]
+    body.append('<h2 id="strategies">Strategies</h2>')
+    body.append(html_table(strategies_table(groups), None))
     body.append('<h2 id="differences">Differences against baseline</h2>')
     body.append(html_table(paired_table(groups), None))
     body.append('<h2 id="figures">Figures</h2>')

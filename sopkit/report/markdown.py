@@ -24,6 +24,7 @@ from sopkit.report.tables import (
     paired_table,
     paper_tables,
     setup_table,
+    strategies_table,
 )
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ def render_markdown(
         "",
     ]
     parts += [markdown_table(t) for t in paper_tables(groups)]
+    parts += ["## Strategies", "", markdown_table(strategies_table(groups), None)]
     parts += ["## Differences against baseline", "", markdown_table(paired_table(groups), None)]
     if figures:
         parts += ["## Figures", ""]

@@ -504,6 +504,28 @@ def setup_table(groups: Sequence[Group]) -> Table:
     return Table("What was run", columns, rows)
 
 
+def strategies_table(groups: Sequence[Group]) -> Table:
+    """What each strategy in the report is, in its own words (its registered ``description``), and
+    which distribution registers it here: a reader of a report with controls beside the paper's
+    strategies needs both. Looked up where the report is written; a strategy not registered there
+    says so rather than failing the report."""
+    from sopkit.registry import discover
+
+    registered = discover()
+    names = list(dict.fromkeys(r.strategy for g in groups for r in g.strategies))
+    rows = []
+    for name in names:
+        entry = registered.get(name)
+        if entry is None:
+            what, source = "(not registered where this report was written)", ""
+        else:
+            what = entry.describe()
+            source = f"{entry.distribution} {entry.version}".strip()
+        rows.append([_strategy_cell(name), Cell(what), Cell(source, "muted")])
+    columns = [("strategy", "left"), ("what it is", "left"), ("registered by", "left")]
+    return Table("Strategies", columns, rows, wraps=("what it is",))
+
+
 def coverage_warnings(groups: Sequence[Group]) -> list[str]:
     """Strategies missing trials (seeds × rates) that others in their group have: a result that
     can still change, or a protocol not followed."""
