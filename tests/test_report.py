@@ -352,6 +352,42 @@ def test_the_strategies_section_says_what_each_one_is_and_who_registers_it(
     assert '<h2 id="strategies">Strategies</h2>' in page and Baseline.description in page
 
 
+def test_majority_kernels_against_each_strategy_is_mk_minus_it_on_shared_seeds(
+    report_dir: Path, groups: list[Group]
+) -> None:
+    header, rows = markdown_table(
+        (report_dir / "report.md").read_text(), "## Majority kernels against each strategy"
+    )
+    assert header[:3] == ["group", "mk minus", "Δ test accuracy (pp)"]
+    expected = []
+    for group in groups:
+        mk = dict(zip(find(groups, group.optimizer, "mk").seeds,
+                      find(groups, group.optimizer, "mk").test_accuracies, strict=True))
+        for other in group.strategies:
+            if other.strategy == "mk":
+                continue
+            theirs = dict(zip(other.seeds, other.test_accuracies, strict=True))
+            shared = sorted(set(mk) & set(theirs))
+            mean = sum(mk[s] - theirs[s] for s in shared) / len(shared)
+            expected.append([group.title, other.strategy, f"{100 * mean:+.2f}", str(len(shared))])
+    assert [[row[0], row[1], row[2], row[4]] for row in rows] == expected
+    # The sign: against the baseline it is the baseline table's difference for mk.
+    for group in groups:
+        baseline_row = next(r for r in rows if r[0] == group.title and r[1] == "baseline")
+        mk = find(groups, group.optimizer, "mk")
+        assert baseline_row[2] == f"{100 * mk.paired.mean:+.2f}"
+    page = (report_dir / "report.html").read_text()
+    assert '<h2 id="against-mk">Majority kernels against each strategy</h2>' in page
+
+
+def test_without_majority_kernels_there_is_no_row_against_it(groups: list[Group]) -> None:
+    from sopkit.report.tables import mk_against_table
+
+    without = [replace(g, strategies=[r for r in g.strategies if r.strategy != "mk"]) for g in groups]
+    assert mk_against_table(without).rows == []
+    assert len(mk_against_table(groups).rows) == sum(len(g.strategies) - 1 for g in groups)
+
+
 def test_a_strategy_not_registered_where_the_report_is_written_is_named_not_fatal() -> None:
     from types import SimpleNamespace
 

@@ -20,6 +20,7 @@ from sopkit.report.tables import (
     failed_table,
     group_table,
     lr_sweep_table,
+    mk_against_table,
     paired_table,
     paper_tables,
     setup_table,
@@ -135,6 +136,10 @@ def render_html(groups: Sequence[Group], meta: ReportMeta, figures: Sequence[Fig
     body.append(html_table(strategies_table(groups), None))
     body.append('<h2 id="differences">Differences against baseline</h2>')
     body.append(html_table(paired_table(groups), None))
+    against_mk = mk_against_table(groups)
+    if against_mk.rows:
+        body.append('<h2 id="against-mk">Majority kernels against each strategy</h2>')
+        body.append(html_table(against_mk, None))
     body.append('<h2 id="figures">Figures</h2>')
     if not figures:
         body.append(

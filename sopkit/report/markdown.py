@@ -21,6 +21,7 @@ from sopkit.report.tables import (
     failed_table,
     group_table,
     lr_sweep_table,
+    mk_against_table,
     paired_table,
     paper_tables,
     setup_table,
@@ -128,6 +129,9 @@ def render_markdown(
     parts += [markdown_table(t) for t in paper_tables(groups)]
     parts += ["## Strategies", "", markdown_table(strategies_table(groups), None)]
     parts += ["## Differences against baseline", "", markdown_table(paired_table(groups), None)]
+    against_mk = mk_against_table(groups)
+    if against_mk.rows:
+        parts += ["## Majority kernels against each strategy", "", markdown_table(against_mk, None)]
     if figures:
         parts += ["## Figures", ""]
         parts += [f"![{md_escape(alt)}]({path})\n" for path, alt in figures]

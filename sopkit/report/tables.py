@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sopkit.experiment.results import REFERENCE_STRATEGY
+from sopkit.experiment.results import REFERENCE_STRATEGY, paired_difference
 from sopkit.report.colours import strategy_colour
 from sopkit.report.edges import chosen_lr_text, edge_hint, edge_notes, expected_rates, seed_notes
 from sopkit.report.format import (
@@ -35,7 +35,7 @@ from sopkit.report.format import (
 from sopkit.task_metrics import metric_label
 
 if TYPE_CHECKING:
-    from sopkit.experiment.results import Group, StrategyResult
+    from sopkit.experiment.results import Group, PairedDifference, StrategyResult
 
 INCOMPLETE_WARNING = (
     "Incomplete comparison: not every planned trial has finished. The numbers come from the trials "
@@ -370,64 +370,90 @@ def paper_tables(groups: Sequence[Group]) -> list[Table]:
     return tables
 
 
+_PAIRED_COLUMNS = [
+    ("Δ test accuracy (pp)", "right"),
+    ("95% CI (pp)", "right"),
+    ("pairs", "right"),
+    ("CI excludes 0", "left"),
+]
+
+
+def _paired_cells(paired: PairedDifference | None, missing: str) -> list[Cell]:
+    """The mean, interval, pair count and verdict cells of one paired difference; ``missing``
+    says why there is none."""
+    if paired is None:
+        return [Cell("n/a", "muted"), Cell("n/a", "muted"), Cell("0"), Cell(missing, "muted")]
+    has_ci = paired.low is not None and paired.high is not None
+    ci = (
+        f"[{format_pp(paired.low)}, {format_pp(paired.high)}]"  # type: ignore[arg-type]
+        if has_ci
+        else "n/a (1 pair)"
+    )
+    if paired.significant:
+        verdict = Cell(
+            "yes, better *" if paired.mean > 0 else "yes, worse *",
+            "good" if paired.mean > 0 else "bad",
+        )
+    else:
+        verdict = Cell("no" if has_ci else "n/a", "muted")
+    style = verdict.style if paired.significant else ""
+    return [Cell(format_pp(paired.mean), style), Cell(ci, style), Cell(str(paired.pairs)), verdict]
+
+
 def paired_table(groups: Sequence[Group]) -> Table:
     """Every strategy's paired difference against baseline (same seeds), across all groups."""
-    columns = [
-        ("group", "left"),
-        ("strategy", "left"),
-        ("Δ test accuracy (pp)", "right"),
-        ("95% CI (pp)", "right"),
-        ("pairs", "right"),
-        ("CI excludes 0", "left"),
+    columns = [("group", "left"), ("strategy", "left"), *_PAIRED_COLUMNS]
+    rows = [
+        [
+            Cell(group.title),
+            _strategy_cell(result.strategy),
+            *_paired_cells(result.paired, "no baseline pair"),
+        ]
+        for group in groups
+        for result in group.strategies
+        if result.strategy != REFERENCE_STRATEGY
     ]
-    rows = []
-    for group in groups:
-        for result in group.strategies:
-            if result.strategy == REFERENCE_STRATEGY:
-                continue
-            paired = result.paired
-            if paired is None:
-                rows.append(
-                    [
-                        Cell(group.title),
-                        _strategy_cell(result.strategy),
-                        Cell("n/a", "muted"),
-                        Cell("n/a", "muted"),
-                        Cell("0"),
-                        Cell("no baseline pair", "muted"),
-                    ]
-                )
-                continue
-            has_ci = paired.low is not None and paired.high is not None
-            ci = (
-                f"[{format_pp(paired.low)}, {format_pp(paired.high)}]"  # type: ignore[arg-type]
-                if has_ci
-                else "n/a (1 pair)"
-            )
-            if paired.significant:
-                verdict = Cell(
-                    "yes, better *" if paired.mean > 0 else "yes, worse *",
-                    "good" if paired.mean > 0 else "bad",
-                )
-            else:
-                verdict = Cell("no" if has_ci else "n/a", "muted")
-            style = verdict.style if paired.significant else ""
-            rows.append(
-                [
-                    Cell(group.title),
-                    _strategy_cell(result.strategy),
-                    Cell(format_pp(paired.mean), style),
-                    Cell(ci, style),
-                    Cell(str(paired.pairs)),
-                    verdict,
-                ]
-            )
     notes = [
         "Strategy minus baseline test accuracy on the seeds both ran, each at its own chosen rate; "
         "mean and 95% t-interval over seeds. * marks an interval that excludes 0 (each comparison "
         "on its own: no correction for making several)."
     ]
     return Table("Paired differences against baseline", columns, rows, notes)
+
+
+#: The strategy the controls are there to explain (``mk_against_table``).
+MAJORITY_KERNELS = "mk"
+
+
+def mk_against_table(groups: Sequence[Group]) -> Table:
+    """Majority kernels minus every other strategy of its group, paired on the seeds both ran:
+    what the controls (a wider model, weight noise, SAM, weight averaging) are for is whether MK
+    beats them, which the differences against the baseline cannot say. No rows when no group has
+    MK and another strategy."""
+    columns = [("group", "left"), ("mk minus", "left"), *_PAIRED_COLUMNS]
+    rows = []
+    for group in groups:
+        mk = next((r for r in group.strategies if r.strategy == MAJORITY_KERNELS), None)
+        if mk is None:
+            continue
+        mine = dict(zip(mk.seeds, mk.test_accuracies, strict=True))
+        for other in group.strategies:
+            if other is mk:
+                continue
+            theirs = dict(zip(other.seeds, other.test_accuracies, strict=True))
+            rows.append(
+                [
+                    Cell(group.title),
+                    _strategy_cell(other.strategy),
+                    *_paired_cells(paired_difference(mine, theirs), "no shared seed"),
+                ]
+            )
+    notes = [
+        "MK minus the named strategy's test accuracy on the seeds both ran, each at its own chosen "
+        "rate: positive means MK was better. Mean and 95% t-interval over seeds; * marks an "
+        "interval that excludes 0 (no correction for making several comparisons)."
+    ]
+    return Table("Majority kernels against each strategy", columns, rows, notes)
 
 
 def diverged_table(groups: Sequence[Group]) -> Table:
