@@ -15,7 +15,7 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 # most 3 more rates per side), and the controls that test the paper's explanations (sam, wide,
 # weight-noise, ema) beside its strategies. Two seeds choose each rate; every number in the report
 # comes from 5 fresh confirmation seeds at the chosen rate, so the search seeds only rank rates.
-# About 100 minutes on a 2-core machine; the store resumes, so an interrupted run picks up where it
+# Two hours on a 2-core machine (1436 trials); the store resumes, so an interrupted run picks up where it
 # stopped. Any posargs are appended and win.
 REPORT_PRESET = "paper-table1"
 REPORT_STRATEGIES = "baseline,ensemble,distill,subset,mk,sam,wide,weight-noise,ema"
